@@ -1,0 +1,427 @@
+//! The `quill` command line: `generate`, `chat`, `info`.
+//!
+//! Generated text goes to stdout as it is produced; statistics and errors go to stderr
+//! (or, with `--json`, one JSON object to stdout at the end).
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::bundle::{self, Bundle};
+use crate::chat::ChatFormat;
+use crate::generate::{GenerateOptions, Generator, Stats, StopReason, TokenBuf};
+use crate::model::{Decoder, LoadOptions, Model};
+use crate::sampler::SamplingOptions;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "quill",
+    version,
+    about = "On-device text generation with tract"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Continue a prompt, streaming the text to stdout
+    Generate(GenerateArgs),
+    /// Talk with the model in its chat template (one message per line; /reset, /quit)
+    Chat(ChatArgs),
+    /// Describe a model bundle
+    Info(InfoArgs),
+    /// Print the token ids of a text (one JSON array), for checking the tokenizer
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Match special-token text such as <|im_start|>
+    #[arg(long)]
+    pub special: bool,
+    /// The text; read from stdin when absent or "-"
+    pub text: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model bundle directory [default: $QUILL_MODEL or models/bundles/smollm2-135m-instruct-f32]
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Threads for tract's matrix products
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    fn dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(bundle::default_bundle_dir)
+    }
+    fn load(&self) -> Result<Model> {
+        if self.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        Ok(Model::load(
+            &self.dir(),
+            &LoadOptions {
+                threads: self.threads,
+                verify: true,
+            },
+        )?)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy (always the most likely token)
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all)
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this total probability (1 = all)
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0 = off)
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for tokens seen in the last --repeat-window tokens (1 = off)
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_window: usize,
+    /// Random seed; the same seed and options give the same text [default: from the clock]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Most new tokens
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Stop before this text (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> GenerateOptions {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        GenerateOptions {
+            sampling: SamplingOptions {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_window: self.repeat_window,
+                seed,
+            },
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (text and statistics) instead of streaming
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt; read from stdin when absent or "-"
+    pub prompt: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// System message (replaces the template's default)
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Print one JSON object per reply instead of streaming
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print the manifest as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Info(a) => info(a),
+        Command::Tokenize(a) => tokenize(a),
+    }
+}
+
+fn read_prompt(arg: Option<String>) -> Result<String> {
+    match arg.as_deref() {
+        Some("-") | None => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("reading the prompt from stdin")?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "the prompt on stdin is not valid UTF-8 (invalid byte at offset {}); \
+                     convert it to UTF-8 first",
+                    e.utf8_error().valid_up_to()
+                )
+            })
+        }
+        Some(p) => Ok(p.to_string()),
+    }
+}
+
+fn stats_json(s: &Stats, reason: StopReason, seed: u64) -> serde_json::Value {
+    json!({
+        "prompt_tokens": s.prompt_tokens,
+        "generated_tokens": s.generated_tokens,
+        "time_to_first_token_ms": s.time_to_first_token.as_secs_f64() * 1e3,
+        "prefill_tokens_per_s": s.prefill_tokens_per_s(),
+        "decode_tokens_per_s": s.decode_tokens_per_s(),
+        "stop_reason": reason.as_str(),
+        "seed": seed,
+    })
+}
+
+fn print_stats(s: &Stats, reason: StopReason, seed: u64) {
+    eprintln!(
+        "\n[prompt {} tokens, first token {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s over {} tokens, stop: {}, seed {}]",
+        s.prompt_tokens,
+        s.time_to_first_token.as_secs_f64() * 1e3,
+        s.prefill_tokens_per_s(),
+        s.decode_tokens_per_s(),
+        s.generated_tokens,
+        reason.as_str(),
+        seed
+    );
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = read_prompt(a.prompt)?;
+    let opts = a.sampling.options();
+    let model = a.model.load()?;
+    if !a.json {
+        eprintln!(
+            "[loaded {} in {:.2} s]",
+            model.manifest().name,
+            model.load_time.as_secs_f64()
+        );
+    }
+    let mut session = model.session()?;
+    let ids = model.tokenizer.encode(&prompt, false);
+    let mut history = TokenBuf::new();
+    let eos = model.manifest().eos_token_ids.clone();
+    let mut gen_ = Generator::new(
+        &mut session,
+        &model.tokenizer,
+        &eos,
+        &mut history,
+        &ids,
+        &opts,
+    )?;
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    let reason = gen_.run(|t| {
+        if a.json {
+            text.push_str(t);
+        } else {
+            // A closed stdout (e.g. `| head`) is not an error worth a panic.
+            let _ = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush());
+        }
+    })?;
+    let stats = gen_.stats().clone();
+    if a.json {
+        let mut v = stats_json(&stats, reason, opts.sampling.seed);
+        v["text"] = json!(text);
+        v["model"] = json!(model.manifest().name);
+        v["load_ms"] = json!(model.load_time.as_secs_f64() * 1e3);
+        writeln!(stdout, "{v}")?;
+    } else {
+        writeln!(stdout)?;
+        print_stats(&stats, reason, opts.sampling.seed);
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let Some(format) =
+        ChatFormat::from_manifest(model.manifest(), &model.tokenizer, a.system.clone())
+    else {
+        bail!(
+            "{} has no chat template quill can render (it renders ChatML); use `quill generate`",
+            model.manifest().name
+        );
+    };
+    let opts = a.sampling.options();
+    let mut session = model.session()?;
+    let mut history = TokenBuf::new();
+    let eos = model.manifest().eos_token_ids.clone();
+    eprintln!(
+        "[{} loaded in {:.2} s; context {} tokens; type a message, /reset to start over, /quit or Ctrl-D to leave]",
+        model.manifest().name,
+        model.load_time.as_secs_f64(),
+        session.context()
+    );
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    let mut line = Vec::new();
+    loop {
+        if !a.json {
+            eprint!("> ");
+        }
+        line.clear();
+        if stdin.lock().read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let Ok(msg) = std::str::from_utf8(&line) else {
+            eprintln!("[that line is not valid UTF-8; nothing was sent]");
+            continue;
+        };
+        let msg = msg.trim_end_matches(['\n', '\r']);
+        match msg.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                session.reset()?;
+                history.clear();
+                eprintln!("[conversation cleared]");
+                continue;
+            }
+            _ => {}
+        }
+        let input = format.user_turn(&model.tokenizer, &history, msg);
+        let before = history.len();
+        let mut gen_ = match Generator::new(
+            &mut session,
+            &model.tokenizer,
+            &eos,
+            &mut history,
+            &input,
+            &opts,
+        ) {
+            Ok(g) => g,
+            Err(
+                crate::GenerateError::ContextFull { context }
+                | crate::GenerateError::PromptTooLong { context, .. },
+            ) => {
+                eprintln!(
+                    "[the conversation is full: its {context}-token context cannot take this message; \
+                     type /reset to start a new one]"
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut text = String::new();
+        let reason = gen_.run(|t| {
+            if a.json {
+                text.push_str(t);
+            } else {
+                let _ = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush());
+            }
+        })?;
+        let stats = gen_.stats().clone();
+        if a.json {
+            let mut v = stats_json(&stats, reason, opts.sampling.seed);
+            v["text"] = json!(text);
+            writeln!(stdout, "{v}")?;
+        } else {
+            writeln!(stdout)?;
+        }
+        if reason == StopReason::ContextFull {
+            eprintln!(
+                "[the context is full ({} tokens); type /reset to start a new conversation]",
+                session.context()
+            );
+        }
+        debug_assert!(history.len() > before);
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let dir = a.model.dir();
+    let bundle = Bundle::open_unverified(&dir)?;
+    let m = &bundle.manifest;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    let c = &m.config;
+    println!("bundle        {}", dir.display());
+    println!("name          {}", m.name);
+    println!("format        {} v{}", m.format, m.version);
+    println!(
+        "architecture  {} ({:.1} M parameters)",
+        m.architecture,
+        c.n_params as f64 / 1e6
+    );
+    println!("weights       {}", m.weights);
+    println!(
+        "shape         {} layers, width {}, {} heads ({} key/value), head dim {}, FFN {}",
+        c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+    );
+    println!(
+        "vocabulary    {} tokens; end of sequence {:?}",
+        c.vocab_size, m.eos_token_ids
+    );
+    println!(
+        "context       {} tokens (RoPE theta {})",
+        m.context_length, c.rope_theta
+    );
+    println!(
+        "chat          {}",
+        m.chat.as_ref().map(|c| c.format.as_str()).unwrap_or("none")
+    );
+    println!(
+        "source        {} ({} bytes, sha256 {})",
+        m.source.file, m.source.bytes, m.source.sha256
+    );
+    for f in &m.files {
+        let status = match bundle.verify_file(f) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("BAD: {e}"),
+        };
+        println!(
+            "file          {} ({} bytes, crc32 {:08x}) {status}",
+            f.name, f.bytes, f.crc32
+        );
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = read_prompt(a.text)?;
+    let bundle = Bundle::open_unverified(&a.model.dir())?;
+    let tok = crate::Tokenizer::from_file(&bundle.path(bundle::TOKENIZER_FILE))?;
+    println!("{}", json!(tok.encode(&text, a.special)));
+    Ok(())
+}

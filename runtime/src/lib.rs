@@ -1,0 +1,21 @@
+//! quill: on-device text generation with tract.
+//!
+//! A model bundle ([`bundle`]) is loaded and optimized once ([`model`]); a [`generate::Generator`]
+//! then runs the decode loop on a [`model::Session`], choosing tokens with a [`sampler::Sampler`]
+//! and printing text through a [`stop::StopMatcher`]. [`chat`] renders conversations.
+
+pub mod bundle;
+pub mod chat;
+pub mod cli;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod sampler;
+pub mod stop;
+pub mod tokenizer;
+
+pub use error::{BundleError, GenerateError};
+pub use generate::{GenerateOptions, Generator, Step, StopReason, TokenBuf};
+pub use model::{Decoder, LoadOptions, MAX_CONTEXT, Model, Session};
+pub use sampler::SamplingOptions;
+pub use tokenizer::{TokenId, Tokenizer};

@@ -1,0 +1,280 @@
+//! Loading a bundle into tract, optimizing it once, and running it step by step.
+//!
+//! Load: check the bundle (manifest, sizes, CRC-32) → parse the ONNX graph → type it →
+//! `detect_kv_cache` (tract-transformers) moves every `past_key_values.* → Concat → present.*`
+//! pair into tract's own state, so quill feeds only token ids and reads only logits → optimize.
+//!
+//! A [`Session`] is one sequence: it owns tract's state (the KV cache) and the position.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+
+use crate::bundle::{self, Bundle, Manifest};
+use crate::error::{BundleError, GenerateError};
+use crate::tokenizer::{TokenId, Tokenizer};
+
+/// The most tokens a sequence can hold: the capacity of quill's fixed token buffers. A bundle
+/// whose context is longer is refused at load.
+pub const MAX_CONTEXT: usize = 8192;
+
+/// A prompt is fed to tract in chunks of at most this many tokens, bounding the size of the
+/// logits and attention temporaries: (1, chunk, vocab) f32 is 25 MB at 128 tokens.
+pub const PREFILL_CHUNK: usize = 128;
+
+type Plan = TypedSimplePlan;
+type State = TypedSimpleState;
+
+/// How to prepare a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for tract's matrix products (1 = the calling thread only).
+    pub threads: usize,
+    /// Check every file's CRC-32 before loading (about 0.1 s per GB).
+    pub verify: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 1,
+            verify: true,
+        }
+    }
+}
+
+/// A loaded, optimized model with its tokenizer.
+#[derive(Debug)]
+pub struct Model {
+    pub bundle: Bundle,
+    pub tokenizer: Tokenizer,
+    plan: Arc<Plan>,
+    /// Time spent parsing and optimizing the graph.
+    pub load_time: Duration,
+}
+
+/// The part of a model a generator needs: one step of the decoder.
+///
+/// [`crate::generate::Generator`] is written against this trait so that tests can observe
+/// what happens inside the model step (for instance, count its allocations).
+pub trait Decoder {
+    /// Feeds `tokens` after the cached ones and returns the logits of the last position.
+    fn forward(&mut self, tokens: &[TokenId]) -> Result<&[f32], GenerateError>;
+    /// Tokens in the cache.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The model's maximum sequence length.
+    fn context(&self) -> usize;
+}
+
+impl Model {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model, BundleError> {
+        let t0 = Instant::now();
+        let bundle = if opts.verify {
+            Bundle::open(dir)?
+        } else {
+            Bundle::open_unverified(dir)?
+        };
+        let m = &bundle.manifest;
+        if m.context_length > MAX_CONTEXT {
+            return Err(BundleError::ContextTooLarge {
+                model: m.context_length,
+                capacity: MAX_CONTEXT,
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&bundle.path(bundle::TOKENIZER_FILE))?;
+        if tokenizer.vocab_size() != m.config.vocab_size {
+            return Err(BundleError::BadTokenizer {
+                path: bundle.path(bundle::TOKENIZER_FILE),
+                reason: format!(
+                    "{} tokens, but the manifest says the model has {}",
+                    tokenizer.vocab_size(),
+                    m.config.vocab_size
+                ),
+            });
+        }
+        let graph = bundle.path(bundle::GRAPH_FILE);
+        let plan = build_plan(&graph, m, opts.threads).map_err(|e| BundleError::BadGraph {
+            path: graph.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        Ok(Model {
+            bundle,
+            tokenizer,
+            plan,
+            load_time: t0.elapsed(),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.bundle.manifest
+    }
+
+    /// A new, empty sequence.
+    pub fn session(&self) -> Result<Session, GenerateError> {
+        Session::new(self.plan.clone(), self.manifest())
+    }
+
+    /// The optimized tract model, for inspection.
+    pub fn typed_model(&self) -> &TypedModel {
+        self.plan.model()
+    }
+}
+
+fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<Plan>> {
+    let mut model = tract_onnx::onnx()
+        .model_for_path(path)
+        .context("parsing the ONNX graph")?
+        .into_typed()
+        .context("analysing the graph")?;
+    let n_inputs = 1 + 2 * m.config.n_layers;
+    anyhow::ensure!(
+        model.inputs.len() == n_inputs,
+        "the graph has {} inputs, expected {n_inputs} (input_ids and a key and a value per layer)",
+        model.inputs.len()
+    );
+    let kv = tract_onnx::tract_core::transform::get_transform("detect_kv_cache")?
+        .context("tract-transformers' detect_kv_cache transform is not linked in")?;
+    model.declutter()?;
+    kv.transform(&mut model)
+        .context("moving the KV cache into tract's state")?;
+    anyhow::ensure!(
+        model.inputs.len() == 1 && model.outputs.len() == 1,
+        "after KV-cache detection the graph has {} inputs and {} outputs, expected 1 and 1: \
+         the past/present pairs are not in the expected Input → Concat → Output form",
+        model.inputs.len(),
+        model.outputs.len()
+    );
+    let model = model.into_optimized().context("optimizing the graph")?;
+    let options = RunOptions {
+        executor: (threads > 1).then(|| Executor::multithread(threads)),
+        ..RunOptions::default()
+    };
+    Ok(model.into_runnable_with_options(&options)?)
+}
+
+/// One sequence being decoded: tract's state holds its KV cache.
+pub struct Session {
+    plan: Arc<Plan>,
+    state: State,
+    /// Tokens in the cache.
+    len: usize,
+    context: usize,
+    vocab: usize,
+    /// Logits of the last position, (vocab).
+    logits: Vec<f32>,
+    /// The (1, 1) token input, reused across decode steps: tract releases its reference at the
+    /// end of every run, so it can be rewritten in place.
+    one_token: Arc<Tensor>,
+}
+
+impl Session {
+    fn new(plan: Arc<Plan>, m: &Manifest) -> Result<Session, GenerateError> {
+        let state = plan.spawn()?;
+        Ok(Session {
+            plan,
+            state,
+            len: 0,
+            context: m.context_length,
+            vocab: m.config.vocab_size,
+            logits: vec![0.0; m.config.vocab_size],
+            one_token: Arc::new(Tensor::zero::<i64>(&[1, 1])?),
+        })
+    }
+
+    /// Forgets the sequence (drops the KV cache).
+    pub fn reset(&mut self) -> Result<(), GenerateError> {
+        self.state = self.plan.spawn()?;
+        self.len = 0;
+        Ok(())
+    }
+
+    fn check_room(&self, n: usize) -> Result<(), GenerateError> {
+        if self.len + n > self.context {
+            return Err(if self.len == 0 {
+                GenerateError::PromptTooLong {
+                    prompt: n,
+                    context: self.context,
+                }
+            } else {
+                GenerateError::ContextFull {
+                    context: self.context,
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one chunk, returns the (1, n, vocab) logits tensor.
+    fn run_chunk(&mut self, tokens: &[TokenId]) -> Result<TValue, GenerateError> {
+        let input: TValue = if tokens.len() == 1 {
+            // Steady-state decode: rewrite the reused (1, 1) tensor instead of allocating one.
+            match Arc::get_mut(&mut self.one_token) {
+                Some(t) => t.try_as_plain_ram_mut()?.as_slice_mut::<i64>()?[0] = tokens[0] as i64,
+                // Only if tract kept a reference: correct, at the cost of an allocation.
+                None => self.one_token = Arc::new(tensor2(&[[tokens[0] as i64]])),
+            }
+            TValue::from_const(self.one_token.clone())
+        } else {
+            let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+            Tensor::from_shape(&[1, tokens.len()], &ids)?.into_tvalue()
+        };
+        let mut out = self.state.run(tvec![input])?;
+        self.len += tokens.len();
+        Ok(out.remove(0))
+    }
+
+    /// Feeds tokens (in chunks) and returns the logits of the last one, (vocab).
+    pub fn forward_last(&mut self, tokens: &[TokenId]) -> Result<&[f32], GenerateError> {
+        if tokens.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        self.check_room(tokens.len())?;
+        let mut last = None;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            last = Some((self.run_chunk(chunk)?, chunk.len()));
+        }
+        let (logits, n) = last.expect("at least one chunk");
+        let all = logits.try_as_plain_ram()?.as_slice::<f32>()?; // (1, n, vocab)
+        self.logits
+            .copy_from_slice(&all[(n - 1) * self.vocab..n * self.vocab]);
+        Ok(&self.logits)
+    }
+
+    /// Feeds tokens and appends the logits of every position to `out`, (n, vocab) row-major.
+    pub fn forward_all(
+        &mut self,
+        tokens: &[TokenId],
+        out: &mut Vec<f32>,
+    ) -> Result<(), GenerateError> {
+        self.check_room(tokens.len())?;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let logits = self.run_chunk(chunk)?;
+            out.extend_from_slice(logits.try_as_plain_ram()?.as_slice::<f32>()?);
+        }
+        Ok(())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+impl Decoder for Session {
+    fn forward(&mut self, tokens: &[TokenId]) -> Result<&[f32], GenerateError> {
+        self.forward_last(tokens)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn context(&self) -> usize {
+        self.context
+    }
+}

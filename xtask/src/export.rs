@@ -1,0 +1,379 @@
+//! `cargo xtask export`: a GGUF checkpoint → a quill model bundle directory.
+//!
+//! The bundle holds `model.onnx` (the decoder with a KV cache, standard ONNX opset 17),
+//! `tokenizer.json` (Hugging Face `tokenizers` format, so independent tools can read it) and
+//! `manifest.json` (see `quill::bundle::Manifest`).
+//!
+//! Graph, for `S` new tokens after `P` cached ones (`T = P + S`), batch fixed at 1:
+//! ```text
+//! input_ids (1, S) i64 ─ Gather(embedding) ─ x (1, S, D)
+//! per layer l:
+//!   h = RMSNorm(x)                                   (1, S, D)
+//!   q = rope(h·Wq) (1, H, S, hd)   k = rope(h·Wk) (1, KV, S, hd)   v = h·Wv (1, KV, S, hd)
+//!   present.l.key   = Concat(past_key_values.l.key,   k, axis 2)   (1, KV, T, hd)
+//!   present.l.value = Concat(past_key_values.l.value, v, axis 2)   (1, KV, T, hd)
+//!   attention with GQA by reshaping q to (1, KV, H/KV, S, hd) against (1, KV, 1, T, hd)
+//!   x += attn·Wo ;  x += (silu(h'·Wg) ⊙ h'·Wu)·Wd  with h' = RMSNorm(x)
+//! logits = RMSNorm(x)·Wlmᵀ                            (1, S, V)
+//! ```
+//! Positions come from the shapes: `T` is the length of `present.0.value` (values are not
+//! rotated, so this has no cycle), `P = T − S`; the causal mask is `kpos ≤ qpos`, built with
+//! `LessOrEqual` and applied with `Where` (tract cannot analyse a shape-derived `Trilu` offset).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use prost::Message;
+use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
+
+use crate::gguf::Gguf;
+use crate::llama::{LlamaWeights, Matrix};
+use crate::onnx::{Attr, Dim, Elem, GraphBuilder};
+use crate::tokenizer_export;
+
+/// Weight storage in the exported graph. Quantized formats come with issue #3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+        }
+    }
+}
+
+pub struct ExportOptions {
+    pub teacher: PathBuf,
+    pub out_dir: PathBuf,
+    pub name: String,
+    pub format: WeightFormat,
+}
+
+/// Exports a bundle; returns the manifest written.
+pub fn export(opts: &ExportOptions) -> Result<Manifest> {
+    let t0 = Instant::now();
+    let g = Gguf::open(&opts.teacher)?;
+    let weights = LlamaWeights::from_gguf(&g, true)?;
+    eprintln!(
+        "read {} ({} tensors, {:.1} M parameters) in {:.1} s",
+        opts.teacher.display(),
+        g.tensors.len(),
+        weights.config.n_params() as f64 / 1e6,
+        t0.elapsed().as_secs_f32()
+    );
+    let tokenizer = tokenizer_export::from_gguf(&g)?;
+    let source_sha256 = crate::fetch::sha256_file(&opts.teacher)?;
+    let source_bytes = fs::metadata(&opts.teacher)?.len();
+
+    // Write into a sibling temporary directory, then rename: a crash never leaves a half bundle.
+    let tmp = opts.out_dir.with_extension("partial");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+
+    let model = build_graph(&weights, opts.format);
+    let bytes = model.encode_to_vec();
+    drop(model);
+    let graph_path = tmp.join(bundle::GRAPH_FILE);
+    fs::write(&graph_path, &bytes).with_context(|| format!("writing {}", graph_path.display()))?;
+    let graph_entry = FileEntry::of_bytes(bundle::GRAPH_FILE, &bytes);
+    drop(bytes);
+
+    let tok_bytes = serde_json::to_vec(&tokenizer.json)?;
+    fs::write(tmp.join(bundle::TOKENIZER_FILE), &tok_bytes)?;
+    let tok_entry = FileEntry::of_bytes(bundle::TOKENIZER_FILE, &tok_bytes);
+
+    let c = &weights.config;
+    let manifest = Manifest {
+        format: bundle::FORMAT.to_string(),
+        version: bundle::MANIFEST_VERSION,
+        name: opts.name.clone(),
+        architecture: bundle::ARCHITECTURE.to_string(),
+        weights: opts.format.name().to_string(),
+        config: ModelConfig {
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            d_ff: c.d_ff,
+            vocab_size: c.vocab_size,
+            rope_theta: c.rope_theta,
+            rms_eps: c.rms_eps,
+            n_params: c.n_params(),
+        },
+        context_length: c.context_length,
+        eos_token_ids: tokenizer.eos_ids.clone(),
+        chat: tokenizer.chat.clone(),
+        source: SourceInfo {
+            file: opts
+                .teacher
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: source_bytes,
+            sha256: source_sha256,
+            description: g.meta_str("general.name").unwrap_or("").to_string(),
+        },
+        files: vec![graph_entry, tok_entry],
+    };
+    fs::write(
+        tmp.join(bundle::MANIFEST_FILE),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+
+    if opts.out_dir.exists() {
+        fs::remove_dir_all(&opts.out_dir)
+            .with_context(|| format!("replacing {}", opts.out_dir.display()))?;
+    }
+    fs::rename(&tmp, &opts.out_dir)
+        .with_context(|| format!("moving {} to {}", tmp.display(), opts.out_dir.display()))?;
+    eprintln!(
+        "wrote {} in {:.1} s",
+        opts.out_dir.display(),
+        t0.elapsed().as_secs_f32()
+    );
+    Ok(manifest)
+}
+
+/// Cosine and sine tables for rotate-half RoPE: (context, head_dim), each half repeated.
+pub fn rope_tables(context: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; context * head_dim];
+    let mut sin = vec![0f32; context * head_dim];
+    for p in 0..context {
+        for i in 0..half {
+            // Computed in f64 so long positions do not lose precision before the cast.
+            let inv_freq = (theta as f64).powf(-(2.0 * i as f64) / head_dim as f64);
+            let angle = p as f64 * inv_freq;
+            for j in [i, i + half] {
+                cos[p * head_dim + j] = angle.cos() as f32;
+                sin[p * head_dim + j] = angle.sin() as f32;
+            }
+        }
+    }
+    (cos, sin)
+}
+
+struct Ctx {
+    b: GraphBuilder,
+    format: WeightFormat,
+}
+
+impl Ctx {
+    /// `x (…, in) · Wᵀ` for a PyTorch-layout weight `(out, in)`.
+    fn linear(&mut self, x: &str, name: &str, w: &Matrix) -> String {
+        match self.format {
+            WeightFormat::F32 => {
+                let wt = w.transposed(); // (in, out)
+                let w = self.b.init_f32(name, &[wt.rows, wt.cols], &wt.data);
+                self.b.op("MatMul", &[x, &w], vec![])
+            }
+        }
+    }
+
+    /// `x / sqrt(mean(x²) + eps) · w` over the last axis.
+    fn rms_norm(&mut self, x: &str, name: &str, w: &[f32], eps: f32) -> String {
+        let b = &mut self.b;
+        let sq = b.op("Mul", &[x, x], vec![]);
+        let ms = b.op(
+            "ReduceMean",
+            &[&sq],
+            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+        );
+        let eps = b.float_scalar(eps);
+        let var = b.op("Add", &[&ms, &eps], vec![]);
+        let rms = b.op("Sqrt", &[&var], vec![]);
+        let normed = b.op("Div", &[x, &rms], vec![]);
+        let w = b.init_f32(name, &[w.len()], w);
+        b.op("Mul", &[&normed, &w], vec![])
+    }
+
+    /// Rotate-half RoPE on `x (1, heads, S, hd)` with `cos`, `sin` of shape (1, 1, S, hd).
+    fn rope(&mut self, x: &str, cos: &str, sin: &str, head_dim: usize) -> String {
+        let b = &mut self.b;
+        let axes = b.ints(&[3]);
+        let zero = b.ints(&[0]);
+        let mid = b.ints(&[head_dim as i64 / 2]);
+        // Slicing to the end must say INT64_MAX: tract rejects other out-of-range ends at run time.
+        let end = b.ints(&[i64::MAX]);
+        let x1 = b.op("Slice", &[x, &zero, &mid, &axes], vec![]);
+        let x2 = b.op("Slice", &[x, &mid, &end, &axes], vec![]);
+        let neg = b.op("Neg", &[&x2], vec![]);
+        let rot = b.op("Concat", &[&neg, &x1], vec![("axis", Attr::Int(-1))]);
+        let a = b.op("Mul", &[x, cos], vec![]);
+        let r = b.op("Mul", &[&rot, sin], vec![]);
+        b.op("Add", &[&a, &r], vec![])
+    }
+
+    /// `(1, S, heads·hd)` → `(1, heads, S, hd)`.
+    fn split_heads(&mut self, x: &str, heads: usize, hd: usize) -> String {
+        let shape = self.b.ints(&[1, -1, heads as i64, hd as i64]);
+        let r = self.b.op("Reshape", &[x, &shape], vec![]);
+        self.b.op(
+            "Transpose",
+            &[&r],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        )
+    }
+}
+
+/// Builds the decoder graph described in the module docs.
+pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::ModelProto {
+    let c = &w.config;
+    let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
+    let group = nh / nkv;
+    let mut cx = Ctx {
+        b: GraphBuilder::new("quill-decoder"),
+        format,
+    };
+
+    let ids = cx.b.input(
+        bundle::INPUT_IDS,
+        Elem::I64,
+        &[Dim::Fixed(1), Dim::Named("sequence_length")],
+    );
+    let past_dims = [
+        Dim::Fixed(1),
+        Dim::Fixed(nkv as i64),
+        Dim::Named("past_sequence_length"),
+        Dim::Fixed(hd as i64),
+    ];
+    let mut past = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let k = cx.b.input(&bundle::past_key(l), Elem::F32, &past_dims);
+        let v = cx.b.input(&bundle::past_value(l), Elem::F32, &past_dims);
+        past.push((k, v));
+    }
+
+    // Tied embeddings: the Gather and the lm_head MatMul get separate constants. tract does not
+    // pre-pack a big constant that has several consumers, and would re-pack the 113 MB head on
+    // every step.
+    let emb =
+        cx.b.init_f32("embedding", &[c.vocab_size, d], &w.embedding.data);
+    let mut x =
+        cx.b.op("Gather", &[&emb, &ids], vec![("axis", Attr::Int(0))]); // (1, S, D)
+
+    let (cos_t, sin_t) = rope_tables(c.context_length, hd, c.rope_theta);
+    let cos_t = cx.b.init_f32("rope_cos", &[c.context_length, hd], &cos_t);
+    let sin_t = cx.b.init_f32("rope_sin", &[c.context_length, hd], &sin_t);
+    let scale = cx.b.float_scalar(1.0 / (hd as f32).sqrt());
+    let neg_inf = cx.b.float_scalar(f32::NEG_INFINITY);
+
+    // Filled in at layer 0, once present.0.value exists.
+    let mut pos: Option<(String, String, String)> = None; // (cos, sin, mask)
+
+    for (l, blk) in w.blocks.iter().enumerate() {
+        let p = |s: &str| format!("layers.{l}.{s}");
+        let h = cx.rms_norm(&x, &p("attn_norm"), &blk.attn_norm, c.rms_eps);
+        let q = cx.linear(&h, &p("wq"), &blk.wq);
+        let k = cx.linear(&h, &p("wk"), &blk.wk);
+        let v = cx.linear(&h, &p("wv"), &blk.wv);
+        let q = cx.split_heads(&q, nh, hd); // (1, H, S, hd)
+        let k = cx.split_heads(&k, nkv, hd); // (1, KV, S, hd)
+        let v = cx.split_heads(&v, nkv, hd); // (1, KV, S, hd)
+
+        let present_v = bundle::present_value(l);
+        cx.b.op_named(
+            "Concat",
+            &[&past[l].1, &v],
+            vec![("axis", Attr::Int(2))],
+            &present_v,
+        );
+
+        if pos.is_none() {
+            let b = &mut cx.b;
+            let shape_v = b.op("Shape", &[&present_v], vec![]);
+            let two = b.int_scalar(2);
+            let total = b.op("Gather", &[&shape_v, &two], vec![("axis", Attr::Int(0))]); // T
+            let shape_ids = b.op("Shape", &[&ids], vec![]);
+            let one = b.int_scalar(1);
+            let seq = b.op("Gather", &[&shape_ids, &one], vec![("axis", Attr::Int(0))]); // S
+            let past_len = b.op("Sub", &[&total, &seq], vec![]); // P
+            let zero = b.int_scalar(0);
+            let step = b.int_scalar(1);
+            let qpos = b.op("Range", &[&past_len, &total, &step], vec![]); // (S)
+            let kpos = b.op("Range", &[&zero, &total, &step], vec![]); // (T)
+            let cos = b.op("Gather", &[&cos_t, &qpos], vec![("axis", Attr::Int(0))]); // (S, hd)
+            let sin = b.op("Gather", &[&sin_t, &qpos], vec![("axis", Attr::Int(0))]);
+            let ax01 = b.ints(&[0, 1]);
+            let cos = b.op("Unsqueeze", &[&cos, &ax01], vec![]); // (1, 1, S, hd)
+            let sin = b.op("Unsqueeze", &[&sin, &ax01], vec![]);
+            let ax1 = b.ints(&[1]);
+            let ax0 = b.ints(&[0]);
+            let qcol = b.op("Unsqueeze", &[&qpos, &ax1], vec![]); // (S, 1)
+            let krow = b.op("Unsqueeze", &[&kpos, &ax0], vec![]); // (1, T)
+            let mask = b.op("LessOrEqual", &[&krow, &qcol], vec![]); // (S, T) bool
+            pos = Some((cos, sin, mask));
+        }
+        let (cos, sin, mask) = pos.clone().expect("set at layer 0");
+
+        let q = cx.rope(&q, &cos, &sin, hd);
+        let k = cx.rope(&k, &cos, &sin, hd);
+        let present_k = bundle::present_key(l);
+        cx.b.op_named(
+            "Concat",
+            &[&past[l].0, &k],
+            vec![("axis", Attr::Int(2))],
+            &present_k,
+        );
+
+        let b = &mut cx.b;
+        let q = b.op("Mul", &[&q, &scale], vec![]);
+        let gshape = b.ints(&[1, nkv as i64, group as i64, -1, hd as i64]);
+        let qg = b.op("Reshape", &[&q, &gshape], vec![]); // (1, KV, G, S, hd)
+        let ax2 = b.ints(&[2]);
+        let kt = b.op(
+            "Transpose",
+            &[&present_k],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let kt = b.op("Unsqueeze", &[&kt, &ax2], vec![]); // (1, KV, 1, hd, T)
+        let scores = b.op("MatMul", &[&qg, &kt], vec![]); // (1, KV, G, S, T)
+        let scores = b.op("Where", &[&mask, &scores, &neg_inf], vec![]);
+        let probs = b.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let vv = b.op("Unsqueeze", &[&present_v, &ax2], vec![]); // (1, KV, 1, T, hd)
+        let o = b.op("MatMul", &[&probs, &vv], vec![]); // (1, KV, G, S, hd)
+        let hshape = b.ints(&[1, nh as i64, -1, hd as i64]);
+        let o = b.op("Reshape", &[&o, &hshape], vec![]); // (1, H, S, hd)
+        let o = b.op(
+            "Transpose",
+            &[&o],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let dshape = b.ints(&[1, -1, (nh * hd) as i64]);
+        let o = b.op("Reshape", &[&o, &dshape], vec![]); // (1, S, H·hd)
+        let o = cx.linear(&o, &p("wo"), &blk.wo);
+        x = cx.b.op("Add", &[&x, &o], vec![]);
+
+        let h = cx.rms_norm(&x, &p("ffn_norm"), &blk.ffn_norm, c.rms_eps);
+        let gate = cx.linear(&h, &p("w_gate"), &blk.w_gate); // (1, S, F)
+        let up = cx.linear(&h, &p("w_up"), &blk.w_up);
+        let sig = cx.b.op("Sigmoid", &[&gate], vec![]);
+        let silu = cx.b.op("Mul", &[&gate, &sig], vec![]);
+        let act = cx.b.op("Mul", &[&silu, &up], vec![]);
+        let down = cx.linear(&act, &p("w_down"), &blk.w_down);
+        x = cx.b.op("Add", &[&x, &down], vec![]);
+    }
+
+    let h = cx.rms_norm(&x, "output_norm", &w.output_norm, c.rms_eps);
+    let logits = cx.linear(&h, "lm_head", &w.lm_head);
+    cx.b.op_named("Identity", &[&logits], vec![], bundle::LOGITS);
+    cx.b.output(bundle::LOGITS, Elem::F32);
+    for l in 0..c.n_layers {
+        cx.b.output(&bundle::present_key(l), Elem::F32);
+        cx.b.output(&bundle::present_value(l), Elem::F32);
+    }
+    cx.b.into_model("quill-xtask")
+}
+
+/// The default bundle directory for a name: `models/bundles/<name>` in the workspace.
+pub fn default_out_dir(workspace: &Path, name: &str) -> PathBuf {
+    workspace.join("models").join("bundles").join(name)
+}
