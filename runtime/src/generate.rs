@@ -159,6 +159,10 @@ impl<'a, D: Decoder> Generator<'a, D> {
         })
     }
 
+    pub fn decoder(&self) -> &D {
+        self.decoder
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

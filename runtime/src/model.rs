@@ -157,7 +157,7 @@ fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<P
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()
     };
-    Ok(model.into_runnable_with_options(&options)?)
+    model.into_runnable_with_options(&options)
 }
 
 /// One sequence being decoded: tract's state holds its KV cache.
@@ -173,6 +173,9 @@ pub struct Session {
     /// The (1, 1) token input, reused across decode steps: tract releases its reference at the
     /// end of every run, so it can be rewritten in place.
     one_token: Arc<Tensor>,
+    /// How many token-input tensors were allocated (prefill chunks, or a decode step whose
+    /// reused input was still shared); the allocation test checks decode steps add none.
+    input_allocations: u64,
 }
 
 impl Session {
@@ -186,6 +189,7 @@ impl Session {
             vocab: m.config.vocab_size,
             logits: vec![0.0; m.config.vocab_size],
             one_token: Arc::new(Tensor::zero::<i64>(&[1, 1])?),
+            input_allocations: 0,
         })
     }
 
@@ -219,10 +223,14 @@ impl Session {
             match Arc::get_mut(&mut self.one_token) {
                 Some(t) => t.try_as_plain_ram_mut()?.as_slice_mut::<i64>()?[0] = tokens[0] as i64,
                 // Only if tract kept a reference: correct, at the cost of an allocation.
-                None => self.one_token = Arc::new(tensor2(&[[tokens[0] as i64]])),
+                None => {
+                    self.input_allocations += 1;
+                    self.one_token = Arc::new(tensor2(&[[tokens[0] as i64]]));
+                }
             }
             TValue::from_const(self.one_token.clone())
         } else {
+            self.input_allocations += 1;
             let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
             Tensor::from_shape(&[1, tokens.len()], &ids)?.into_tvalue()
         };
@@ -264,6 +272,11 @@ impl Session {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab
+    }
+
+    /// Token-input tensors allocated so far (see the field's doc).
+    pub fn input_allocations(&self) -> u64 {
+        self.input_allocations
     }
 }
 

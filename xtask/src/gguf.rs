@@ -249,7 +249,7 @@ impl Gguf {
             let n: usize = ne.iter().product();
             let (block_elems, block_bytes) = ty.block();
             ensure!(
-                n % block_elems == 0,
+                n.is_multiple_of(block_elems),
                 "tensor {name}: {n} elements is not a whole number of {ty:?} blocks"
             );
             let n_bytes = n / block_elems * block_bytes;

@@ -62,7 +62,7 @@ impl LlamaConfig {
             tied_embeddings: !g.tensors.contains_key("output.weight"),
         };
         ensure!(
-            n_heads % n_kv_heads == 0 && d_model % n_heads == 0,
+            n_heads.is_multiple_of(n_kv_heads) && d_model.is_multiple_of(n_heads),
             "inconsistent heads: {n_heads} query heads, {n_kv_heads} key/value heads, width {d_model}"
         );
         if let Ok(rot) = g.meta_u64(&key("rope.dimension_count")) {

@@ -83,10 +83,10 @@ pub fn from_gguf(g: &Gguf) -> Result<ExportedTokenizer> {
     }
     // Chat models end a turn with their EOS (`<|im_end|>`); plain text ends with `<|endoftext|>`.
     for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"] {
-        if let Some(id) = tokens.iter().position(|t| t == name) {
-            if !eos_ids.contains(&(id as u32)) {
-                eos_ids.push(id as u32);
-            }
+        if let Some(id) = tokens.iter().position(|t| t == name)
+            && !eos_ids.contains(&(id as u32))
+        {
+            eos_ids.push(id as u32);
         }
     }
 

@@ -1,0 +1,154 @@
+//! The `quill` binary as a user runs it: streamed text, JSON, chat, and errors a person can act on.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use crate::support::bundle_dir;
+
+fn quill(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quill"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting quill");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn generate_streams_the_answer_and_reports_stats() {
+    let model = bundle_dir().to_str().unwrap();
+    let out = quill(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+            "The capital of France is",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with(" Paris"),
+        "stdout: {:?}",
+        text(&out.stdout)
+    );
+    let err = text(&out.stderr);
+    for want in ["prompt 5 tokens", "first token", "tok/s"] {
+        assert!(err.contains(want), "stderr lacks {want:?}:\n{err}");
+    }
+}
+
+#[test]
+fn generate_json_reads_the_prompt_from_stdin() {
+    let model = bundle_dir().to_str().unwrap();
+    let out = quill(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--json",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+        ],
+        b"The capital of France is",
+    );
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris"), "{v}");
+    assert_eq!(v["prompt_tokens"], 5);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn chat_keeps_the_conversation() {
+    let model = bundle_dir().to_str().unwrap();
+    let out = quill(
+        &[
+            "chat",
+            "--model",
+            model,
+            "--json",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ],
+        b"What is the capital of France?\nAnd of Italy?\n",
+    );
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let replies: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per reply"))
+        .collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert!(
+        replies[0]["text"].as_str().unwrap().contains("Paris"),
+        "{}",
+        replies[0]
+    );
+    assert!(
+        replies[1]["text"].as_str().unwrap().contains("Rome"),
+        "{}",
+        replies[1]
+    );
+    // The second turn reuses the cache: only the new message is prefilled.
+    assert!(
+        replies[1]["prompt_tokens"].as_u64().unwrap() < 20,
+        "{}",
+        replies[1]
+    );
+}
+
+#[test]
+fn errors_a_person_can_act_on() {
+    let out = quill(&["generate", "--model", "/nonexistent/bundle", "hi"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/bundle") && err.contains("cargo xtask export"),
+        "{err}"
+    );
+
+    let model = bundle_dir().to_str().unwrap();
+    let out = quill(&["generate", "--model", model], b"bad \xff\xfe utf-8");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not valid UTF-8"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let long = " a".repeat(9000);
+    let out = quill(&["generate", "--model", model, &long], b"");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("9000 tokens") && err.contains("8192"), "{err}");
+
+    let out = quill(&["generate", "--model", model, "--top-p", "0", "hi"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("top-p"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn info_describes_the_bundle() {
+    let model = bundle_dir().to_str().unwrap();
+    let out = quill(&["info", "--model", model], b"");
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for want in ["llama", "30 layers", "49152 tokens", "model.onnx", "ok"] {
+        assert!(s.contains(want), "info lacks {want:?}:\n{s}");
+    }
+}

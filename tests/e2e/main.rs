@@ -1,0 +1,15 @@
+//! quill's end-to-end tests, on the real SmolLM2-135M-Instruct teacher (fetched and cached on
+//! first use, never skipped). One test binary; shared fixtures live in `support`.
+
+mod alloc;
+mod bundle_errors;
+mod cli;
+mod generate;
+mod onnxruntime;
+mod parity;
+mod support;
+mod tokenizer;
+
+/// Counts allocations per thread, so a test can measure what one decode step allocates.
+#[global_allocator]
+static ALLOCATOR: support::CountingAlloc = support::CountingAlloc;

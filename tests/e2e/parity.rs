@@ -1,0 +1,145 @@
+//! The exported graph, run by tract, against the plain-Rust reference forward pass of the same
+//! GGUF weights; and the KV-cache path against the full-sequence path.
+
+use quill::Decoder;
+
+use crate::support::{argmax, gguf_weights, model};
+
+const TEXT: &str =
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and";
+
+/// Largest absolute difference between the logits of tract and of the reference; the f32 sums
+/// run in different orders; measured here: 1.6e-4 on logits of magnitude up to about 30.
+const TOLERANCE: f32 = 1e-3;
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn tract_logits_match_the_reference_forward_pass() {
+    let m = model();
+    let ids = m.tokenizer.encode(TEXT, false);
+    assert!(ids.len() >= 16, "{} tokens", ids.len());
+    let vocab = m.manifest().config.vocab_size;
+
+    let reference = xtask::reference::forward(gguf_weights(), &ids); // (n, vocab)
+    let mut session = m.session().unwrap();
+    let mut got = Vec::new();
+    session.forward_all(&ids, &mut got).unwrap(); // (n, vocab)
+
+    let diff = max_abs_diff(&got, &reference);
+    eprintln!(
+        "parity: {} positions × {vocab} logits, max |tract − reference| = {diff:.2e}",
+        ids.len()
+    );
+    assert!(
+        diff < TOLERANCE,
+        "max difference {diff} exceeds {TOLERANCE}"
+    );
+    for (t, (g, r)) in got.chunks(vocab).zip(reference.chunks(vocab)).enumerate() {
+        assert_eq!(argmax(g), argmax(r), "top-1 differs at position {t}");
+    }
+}
+
+#[test]
+fn kv_cache_decode_matches_the_full_sequence() {
+    let m = model();
+    let ids = m.tokenizer.encode(TEXT, false);
+    let vocab = m.manifest().config.vocab_size;
+    let mut full = Vec::new();
+    m.session().unwrap().forward_all(&ids, &mut full).unwrap();
+
+    // Prefill half, then one token at a time through the cache tract keeps in its state.
+    let half = ids.len() / 2;
+    let mut s = m.session().unwrap();
+    let first = s.forward_last(&ids[..half]).unwrap().to_vec();
+    let mut worst = max_abs_diff(&first, &full[(half - 1) * vocab..half * vocab]);
+    for t in half..ids.len() {
+        let row = s.forward_last(&ids[t..t + 1]).unwrap();
+        worst = worst.max(max_abs_diff(row, &full[t * vocab..(t + 1) * vocab]));
+    }
+    assert_eq!(s.len(), ids.len());
+    eprintln!("kv cache: max |step-by-step − full| = {worst:.2e}");
+    assert!(
+        worst < 1e-3,
+        "decoding with the cache drifts from the full pass by {worst}"
+    );
+
+    // A reset session starts again from an empty cache.
+    s.reset().unwrap();
+    let again = s.forward_last(&ids[..half]).unwrap();
+    assert!(max_abs_diff(again, &first) < 1e-5);
+}
+
+/// llama.cpp stores Q/K rows permuted for pairwise RoPE; the exporter swaps them back and uses
+/// rotate-half RoPE. On the teacher's real layer-0 query weights: both conventions give the same
+/// attention scores, and skipping the un-permutation does not.
+#[test]
+fn rope_row_permutation_is_undone() {
+    use xtask::llama::unpermute_rope_rows;
+    let w = gguf_weights();
+    let c = &w.config;
+    let hd = c.head_dim;
+    let wq = &w.blocks[0].wq; // llama.cpp order
+    let fixed = unpermute_rope_rows(wq, c.n_heads);
+    let x: Vec<f32> = (0..c.d_model)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let y: Vec<f32> = (0..c.d_model)
+        .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    let mv = |m: &xtask::llama::Matrix, v: &[f32]| -> Vec<f32> {
+        (0..m.rows)
+            .map(|r| {
+                m.data[r * m.cols..(r + 1) * m.cols]
+                    .iter()
+                    .zip(v)
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
+            .collect()
+    };
+    let angle = |i: usize, pos: usize| {
+        pos as f64 * (c.rope_theta as f64).powf(-(2.0 * i as f64) / hd as f64)
+    };
+    let pairwise = |v: &mut [f32], pos: usize| {
+        for i in 0..hd / 2 {
+            let (s, co) = angle(i, pos).sin_cos();
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            v[2 * i] = a * co as f32 - b * s as f32;
+            v[2 * i + 1] = a * s as f32 + b * co as f32;
+        }
+    };
+    let halves = |v: &mut [f32], pos: usize| {
+        for i in 0..hd / 2 {
+            let (s, co) = angle(i, pos).sin_cos();
+            let (a, b) = (v[i], v[i + hd / 2]);
+            v[i] = a * co as f32 - b * s as f32;
+            v[i + hd / 2] = a * s as f32 + b * co as f32;
+        }
+    };
+    // Score of head 0 between a query at position 7 and a key at position 3 (q·k with q = Wx, k = Wy).
+    let score = |m: &xtask::llama::Matrix, rope: &dyn Fn(&mut [f32], usize)| -> f32 {
+        let mut q = mv(m, &x)[..hd].to_vec();
+        let mut k = mv(m, &y)[..hd].to_vec();
+        rope(&mut q, 7);
+        rope(&mut k, 3);
+        q.iter().zip(&k).map(|(a, b)| a * b).sum()
+    };
+    let llama_cpp = score(wq, &pairwise);
+    let quill = score(&fixed, &halves);
+    let unfixed = score(wq, &halves);
+    assert!(
+        (llama_cpp - quill).abs() < 1e-3 * llama_cpp.abs().max(1.0),
+        "{llama_cpp} vs {quill}"
+    );
+    assert!(
+        (llama_cpp - unfixed).abs() > 1e-2 * llama_cpp.abs().max(1.0),
+        "the permutation should matter"
+    );
+}

