@@ -140,7 +140,7 @@ fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<P
         "the graph has {} inputs, expected {n_inputs} (input_ids and a key and a value per layer)",
         model.inputs.len()
     );
-    let kv = tract_onnx::tract_core::transform::get_transform("detect_kv_cache")?
+    let kv = tract_onnx::tract_core::transform::get_transform("transformers_detect_all")?
         .context("tract-transformers' detect_kv_cache transform is not linked in")?;
     model.declutter()?;
     kv.transform(&mut model)

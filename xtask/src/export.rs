@@ -1,24 +1,26 @@
 //! `cargo xtask export`: a GGUF checkpoint → a quill model bundle directory.
 //!
-//! The bundle holds `model.onnx` (the decoder with a KV cache, standard ONNX opset 17),
+//! The bundle holds `model.onnx` (the decoder with a KV cache, standard ONNX opset 23),
 //! `tokenizer.json` (Hugging Face `tokenizers` format, so independent tools can read it) and
 //! `manifest.json` (see `quill::bundle::Manifest`).
 //!
 //! Graph, for `S` new tokens after `P` cached ones (`T = P + S`), batch fixed at 1:
 //! ```text
 //! input_ids (1, S) i64 ─ Gather(embedding) ─ x (1, S, D)
+//! P = shape(past_key_values.0.value)[2];  qpos = P..T;  mask (S, T) = 0 where kpos ≤ qpos, else −∞
 //! per layer l:
-//!   h = RMSNorm(x)                                   (1, S, D)
+//!   h = RMSNorm(x)                                                   (1, S, D)
 //!   q = rope(h·Wq) (1, H, S, hd)   k = rope(h·Wk) (1, KV, S, hd)   v = h·Wv (1, KV, S, hd)
-//!   present.l.key   = Concat(past_key_values.l.key,   k, axis 2)   (1, KV, T, hd)
-//!   present.l.value = Concat(past_key_values.l.value, v, axis 2)   (1, KV, T, hd)
-//!   attention with GQA by reshaping q to (1, KV, H/KV, S, hd) against (1, KV, 1, T, hd)
-//!   x += attn·Wo ;  x += (silu(h'·Wg) ⊙ h'·Wu)·Wd  with h' = RMSNorm(x)
-//! logits = RMSNorm(x)·Wlmᵀ                            (1, S, V)
+//!   a, present.l.key, present.l.value =
+//!       Attention(q, k, v, mask, past_key_values.l.key, past_key_values.l.value)
+//!       (1, H, S, hd), (1, KV, T, hd), (1, KV, T, hd)      — GQA: H/KV query heads per KV head
+//!   x += a·Wo ;  x += (silu(h'·Wg) ⊙ h'·Wu)·Wd  with h' = RMSNorm(x)
+//! logits = RMSNorm(x)·Wlmᵀ                                            (1, S, V)
 //! ```
-//! Positions come from the shapes: `T` is the length of `present.0.value` (values are not
-//! rotated, so this has no cycle), `P = T − S`; the causal mask is `kpos ≤ qpos`, built with
-//! `LessOrEqual` and applied with `Where` (tract cannot analyse a shape-derived `Trilu` offset).
+//! The standard `Attention` operator (opset 23) is what lets tract fuse attention and grow the KV
+//! cache in place (`InPlaceKvSdpa`) instead of copying it at every step. The mask is built with
+//! `LessOrEqual` and `Where` (tract cannot analyse a shape-derived `Trilu` offset), and RoPE is
+//! written as rotate-half so tract recognises it (`ApplyRope`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -182,11 +184,12 @@ impl Ctx {
     fn rms_norm(&mut self, x: &str, name: &str, w: &[f32], eps: f32) -> String {
         let b = &mut self.b;
         let sq = b.op("Mul", &[x, x], vec![]);
+        let last = b.ints(&[-1]);
         let ms = b.op(
             "ReduceMean",
-            &[&sq],
-            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
-        );
+            &[&sq, &last],
+            vec![("keepdims", Attr::Int(1))],
+        ); // (1, S, 1)
         let eps = b.float_scalar(eps);
         let var = b.op("Add", &[&ms, &eps], vec![]);
         let rms = b.op("Sqrt", &[&var], vec![]);
@@ -228,7 +231,6 @@ impl Ctx {
 pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::ModelProto {
     let c = &w.config;
     let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
-    let group = nh / nkv;
     let mut cx = Ctx {
         b: GraphBuilder::new("quill-decoder"),
         format,
@@ -263,11 +265,33 @@ pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::Mo
     let (cos_t, sin_t) = rope_tables(c.context_length, hd, c.rope_theta);
     let cos_t = cx.b.init_f32("rope_cos", &[c.context_length, hd], &cos_t);
     let sin_t = cx.b.init_f32("rope_sin", &[c.context_length, hd], &sin_t);
-    let scale = cx.b.float_scalar(1.0 / (hd as f32).sqrt());
     let neg_inf = cx.b.float_scalar(f32::NEG_INFINITY);
 
-    // Filled in at layer 0, once present.0.value exists.
-    let mut pos: Option<(String, String, String)> = None; // (cos, sin, mask)
+    // Positions from the shapes: P from the past input, S from the ids.
+    let b = &mut cx.b;
+    let shape_past = b.op("Shape", &[&past[0].1], vec![]);
+    let two = b.int_scalar(2);
+    let past_len = b.op("Gather", &[&shape_past, &two], vec![("axis", Attr::Int(0))]); // P
+    let shape_ids = b.op("Shape", &[&ids], vec![]);
+    let one = b.int_scalar(1);
+    let seq = b.op("Gather", &[&shape_ids, &one], vec![("axis", Attr::Int(0))]); // S
+    let total = b.op("Add", &[&past_len, &seq], vec![]); // T
+    let zero = b.int_scalar(0);
+    let step = b.int_scalar(1);
+    let qpos = b.op("Range", &[&past_len, &total, &step], vec![]); // (S)
+    let kpos = b.op("Range", &[&zero, &total, &step], vec![]); // (T)
+    let cos = b.op("Gather", &[&cos_t, &qpos], vec![("axis", Attr::Int(0))]); // (S, hd)
+    let sin = b.op("Gather", &[&sin_t, &qpos], vec![("axis", Attr::Int(0))]);
+    let ax01 = b.ints(&[0, 1]);
+    let cos = b.op("Unsqueeze", &[&cos, &ax01], vec![]); // (1, 1, S, hd)
+    let sin = b.op("Unsqueeze", &[&sin, &ax01], vec![]);
+    let ax1 = b.ints(&[1]);
+    let ax0 = b.ints(&[0]);
+    let qcol = b.op("Unsqueeze", &[&qpos, &ax1], vec![]); // (S, 1)
+    let krow = b.op("Unsqueeze", &[&kpos, &ax0], vec![]); // (1, T)
+    let visible = b.op("LessOrEqual", &[&krow, &qcol], vec![]); // (S, T) bool
+    let zero_f = b.float_scalar(0.0);
+    let mask = b.op("Where", &[&visible, &zero_f, &neg_inf], vec![]); // (S, T) additive
 
     for (l, blk) in w.blocks.iter().enumerate() {
         let p = |s: &str| format!("layers.{l}.{s}");
@@ -279,72 +303,23 @@ pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::Mo
         let k = cx.split_heads(&k, nkv, hd); // (1, KV, S, hd)
         let v = cx.split_heads(&v, nkv, hd); // (1, KV, S, hd)
 
-        let present_v = bundle::present_value(l);
-        cx.b.op_named(
-            "Concat",
-            &[&past[l].1, &v],
-            vec![("axis", Attr::Int(2))],
-            &present_v,
-        );
-
-        if pos.is_none() {
-            let b = &mut cx.b;
-            let shape_v = b.op("Shape", &[&present_v], vec![]);
-            let two = b.int_scalar(2);
-            let total = b.op("Gather", &[&shape_v, &two], vec![("axis", Attr::Int(0))]); // T
-            let shape_ids = b.op("Shape", &[&ids], vec![]);
-            let one = b.int_scalar(1);
-            let seq = b.op("Gather", &[&shape_ids, &one], vec![("axis", Attr::Int(0))]); // S
-            let past_len = b.op("Sub", &[&total, &seq], vec![]); // P
-            let zero = b.int_scalar(0);
-            let step = b.int_scalar(1);
-            let qpos = b.op("Range", &[&past_len, &total, &step], vec![]); // (S)
-            let kpos = b.op("Range", &[&zero, &total, &step], vec![]); // (T)
-            let cos = b.op("Gather", &[&cos_t, &qpos], vec![("axis", Attr::Int(0))]); // (S, hd)
-            let sin = b.op("Gather", &[&sin_t, &qpos], vec![("axis", Attr::Int(0))]);
-            let ax01 = b.ints(&[0, 1]);
-            let cos = b.op("Unsqueeze", &[&cos, &ax01], vec![]); // (1, 1, S, hd)
-            let sin = b.op("Unsqueeze", &[&sin, &ax01], vec![]);
-            let ax1 = b.ints(&[1]);
-            let ax0 = b.ints(&[0]);
-            let qcol = b.op("Unsqueeze", &[&qpos, &ax1], vec![]); // (S, 1)
-            let krow = b.op("Unsqueeze", &[&kpos, &ax0], vec![]); // (1, T)
-            let mask = b.op("LessOrEqual", &[&krow, &qcol], vec![]); // (S, T) bool
-            pos = Some((cos, sin, mask));
-        }
-        let (cos, sin, mask) = pos.clone().expect("set at layer 0");
-
         let q = cx.rope(&q, &cos, &sin, hd);
         let k = cx.rope(&k, &cos, &sin, hd);
-        let present_k = bundle::present_key(l);
-        cx.b.op_named(
-            "Concat",
-            &[&past[l].0, &k],
-            vec![("axis", Attr::Int(2))],
-            &present_k,
-        );
-
+        // Standard ONNX attention: concatenates the cache (→ present.*), GQA, additive mask.
+        let attn = format!("layers.{l}.attention");
+        cx.b.node(
+            "Attention",
+            &[&q, &k, &v, &mask, &past[l].0, &past[l].1],
+            vec![
+                ("scale", Attr::Float(1.0 / (hd as f32).sqrt())),
+                ("is_causal", Attr::Int(0)),
+            ],
+            &[&attn, &bundle::present_key(l), &bundle::present_value(l)],
+        ); // (1, H, S, hd), (1, KV, T, hd) × 2
         let b = &mut cx.b;
-        let q = b.op("Mul", &[&q, &scale], vec![]);
-        let gshape = b.ints(&[1, nkv as i64, group as i64, -1, hd as i64]);
-        let qg = b.op("Reshape", &[&q, &gshape], vec![]); // (1, KV, G, S, hd)
-        let ax2 = b.ints(&[2]);
-        let kt = b.op(
-            "Transpose",
-            &[&present_k],
-            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
-        );
-        let kt = b.op("Unsqueeze", &[&kt, &ax2], vec![]); // (1, KV, 1, hd, T)
-        let scores = b.op("MatMul", &[&qg, &kt], vec![]); // (1, KV, G, S, T)
-        let scores = b.op("Where", &[&mask, &scores, &neg_inf], vec![]);
-        let probs = b.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
-        let vv = b.op("Unsqueeze", &[&present_v, &ax2], vec![]); // (1, KV, 1, T, hd)
-        let o = b.op("MatMul", &[&probs, &vv], vec![]); // (1, KV, G, S, hd)
-        let hshape = b.ints(&[1, nh as i64, -1, hd as i64]);
-        let o = b.op("Reshape", &[&o, &hshape], vec![]); // (1, H, S, hd)
         let o = b.op(
             "Transpose",
-            &[&o],
+            &[&attn],
             vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
         );
         let dshape = b.ints(&[1, -1, (nh * hd) as i64]);

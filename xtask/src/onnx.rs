@@ -5,10 +5,11 @@
 
 use tract_onnx::pb;
 
-/// ONNX operator set the exported graphs target (ReduceMean takes `axes` as an attribute).
-pub const OPSET: i64 = 17;
-/// IR version matching opset 17.
-pub const IR_VERSION: i64 = 8;
+/// ONNX operator set the exported graphs target: 23 is the first with the standard `Attention`
+/// operator, which tract maps to its fused attention (and in-place KV cache).
+pub const OPSET: i64 = 23;
+/// IR version matching opset 23 (ONNX 1.18).
+pub const IR_VERSION: i64 = 11;
 
 /// A dimension of a graph input or output.
 #[derive(Debug, Clone)]
@@ -161,6 +162,17 @@ impl GraphBuilder {
         attrs: Vec<(&str, Attr)>,
         out: &str,
     ) {
+        self.node(op_type, inputs, attrs, &[out]);
+    }
+
+    /// Adds a node with named outputs.
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        outputs: &[&str],
+    ) {
         use pb::attribute_proto::AttributeType as T;
         let attribute = attrs
             .into_iter()
@@ -189,7 +201,7 @@ impl GraphBuilder {
         let name = format!("{op_type}_{}", self.graph.node.len());
         self.graph.node.push(pb::NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.to_string()],
+            output: outputs.iter().map(|s| s.to_string()).collect(),
             name,
             op_type: op_type.to_string(),
             attribute,
