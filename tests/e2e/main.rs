@@ -5,6 +5,7 @@ mod alloc;
 mod bundle_errors;
 mod cli;
 mod generate;
+mod gguf_types;
 mod onnxruntime;
 mod parity;
 mod support;

