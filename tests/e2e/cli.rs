@@ -50,6 +50,34 @@ fn generate_streams_the_answer_and_reports_stats() {
 }
 
 #[test]
+fn two_threads_give_the_same_answer() {
+    let model = bundle_dir().to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--json",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+    ];
+    let one = quill(
+        &[&args[..], &["--threads", "1", "The capital of France is"]].concat(),
+        b"",
+    );
+    let two = quill(
+        &[&args[..], &["--threads", "2", "The capital of France is"]].concat(),
+        b"",
+    );
+    assert!(two.status.success(), "stderr:\n{}", text(&two.stderr));
+    let text_of = |o: &Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].clone()
+    };
+    assert_eq!(text_of(&one), text_of(&two));
+}
+
+#[test]
 fn generate_json_reads_the_prompt_from_stdin() {
     let model = bundle_dir().to_str().unwrap();
     let out = quill(

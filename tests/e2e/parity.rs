@@ -143,3 +143,35 @@ fn rope_row_permutation_is_undone() {
         "the permutation should matter"
     );
 }
+
+/// The optimized graph keeps its KV cache in tract's state and grows it in place, and the
+/// attention, RoPE and RMSNorm patterns were recognised.
+#[test]
+fn optimized_graph_uses_tracts_fused_attention_and_in_place_cache() {
+    let m = model();
+    let count = |name: &str| {
+        m.typed_model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op.name() == name)
+            .count()
+    };
+    let layers = m.manifest().config.n_layers;
+    assert_eq!(
+        count("InPlaceKvSdpa"),
+        layers,
+        "one in-place attention per layer"
+    );
+    assert_eq!(
+        count("DynamicKeyValueCache"),
+        0,
+        "no cache copied by concatenation"
+    );
+    assert_eq!(count("ApplyRope"), 2 * layers);
+    assert_eq!(count("RmsNorm"), 2 * layers + 1);
+    assert_eq!(
+        m.typed_model().inputs.len(),
+        1,
+        "only the token ids are fed"
+    );
+}
