@@ -246,28 +246,43 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &ids,
         &opts,
     )?;
+    let (reason, stats, json) = stream(&mut gen_, a.json, opts.sampling.seed)?;
+    match json {
+        Some(mut v) => {
+            v["model"] = json!(model.manifest().name);
+            v["load_ms"] = json!(model.load_time.as_secs_f64() * 1e3);
+            println!("{v}");
+        }
+        None => print_stats(&stats, reason, opts.sampling.seed),
+    }
+    Ok(())
+}
+
+/// Runs a generation to its end: streams the text to stdout, or with `json` collects it into
+/// the JSON object returned (not yet printed, so the caller can add fields).
+fn stream<D: Decoder>(
+    generator: &mut Generator<'_, D>,
+    json: bool,
+    seed: u64,
+) -> Result<(StopReason, Stats, Option<serde_json::Value>)> {
     let mut text = String::new();
     let mut stdout = std::io::stdout().lock();
-    let reason = gen_.run(|t| {
-        if a.json {
+    let reason = generator.run(|t| {
+        if json {
             text.push_str(t);
         } else {
             // A closed stdout (e.g. `| head`) is not an error worth a panic.
             let _ = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush());
         }
     })?;
-    let stats = gen_.stats().clone();
-    if a.json {
-        let mut v = stats_json(&stats, reason, opts.sampling.seed);
+    let stats = generator.stats().clone();
+    if json {
+        let mut v = stats_json(&stats, reason, seed);
         v["text"] = json!(text);
-        v["model"] = json!(model.manifest().name);
-        v["load_ms"] = json!(model.load_time.as_secs_f64() * 1e3);
-        writeln!(stdout, "{v}")?;
-    } else {
-        writeln!(stdout)?;
-        print_stats(&stats, reason, opts.sampling.seed);
+        return Ok((reason, stats, Some(v)));
     }
-    Ok(())
+    writeln!(stdout)?;
+    Ok((reason, stats, None))
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
@@ -291,7 +306,6 @@ fn chat(a: ChatArgs) -> Result<()> {
         session.context()
     );
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
     let mut line = Vec::new();
     loop {
         if !a.json {
@@ -340,21 +354,9 @@ fn chat(a: ChatArgs) -> Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut text = String::new();
-        let reason = gen_.run(|t| {
-            if a.json {
-                text.push_str(t);
-            } else {
-                let _ = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush());
-            }
-        })?;
-        let stats = gen_.stats().clone();
-        if a.json {
-            let mut v = stats_json(&stats, reason, opts.sampling.seed);
-            v["text"] = json!(text);
-            writeln!(stdout, "{v}")?;
-        } else {
-            writeln!(stdout)?;
+        let (reason, _, json) = stream(&mut gen_, a.json, opts.sampling.seed)?;
+        if let Some(v) = json {
+            println!("{v}");
         }
         if reason == StopReason::ContextFull {
             eprintln!(

@@ -164,35 +164,28 @@ fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>> {
 /// Per head the GGUF rows are ordered `(head_dim/2, 2)`; the original order is `(2, head_dim/2)`:
 /// original row `h·hd + half·hd/2 + i` is GGUF row `h·hd + 2i + half`.
 pub fn unpermute_rope_rows(m: &Matrix, n_heads: usize) -> Matrix {
-    let hd = m.rows / n_heads;
-    let mut out = vec![0f32; m.data.len()];
-    for h in 0..n_heads {
-        for half in 0..2 {
-            for i in 0..hd / 2 {
-                let dst = h * hd + half * hd / 2 + i;
-                let src = h * hd + 2 * i + half;
-                out[dst * m.cols..(dst + 1) * m.cols]
-                    .copy_from_slice(&m.data[src * m.cols..(src + 1) * m.cols]);
-            }
-        }
-    }
-    Matrix {
-        rows: m.rows,
-        cols: m.cols,
-        data: out,
-    }
+    move_rope_rows(m, n_heads, |orig, gguf| (orig, gguf))
 }
 
 /// llama.cpp's permutation (`convert_hf_to_gguf.py`'s `permute`), the inverse of
 /// [`unpermute_rope_rows`]; used by tests.
 pub fn permute_rope_rows(m: &Matrix, n_heads: usize) -> Matrix {
+    move_rope_rows(m, n_heads, |orig, gguf| (gguf, orig))
+}
+
+/// Copies every row between its original and its GGUF position; `dst_src` picks the direction
+/// from `(original row, GGUF row)`.
+fn move_rope_rows(
+    m: &Matrix,
+    n_heads: usize,
+    dst_src: impl Fn(usize, usize) -> (usize, usize),
+) -> Matrix {
     let hd = m.rows / n_heads;
     let mut out = vec![0f32; m.data.len()];
     for h in 0..n_heads {
         for half in 0..2 {
             for i in 0..hd / 2 {
-                let src = h * hd + half * hd / 2 + i;
-                let dst = h * hd + 2 * i + half;
+                let (dst, src) = dst_src(h * hd + half * hd / 2 + i, h * hd + 2 * i + half);
                 out[dst * m.cols..(dst + 1) * m.cols]
                     .copy_from_slice(&m.data[src * m.cols..(src + 1) * m.cols]);
             }
