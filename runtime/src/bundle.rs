@@ -1,4 +1,5 @@
-//! The model bundle: a directory with `manifest.json`, `model.onnx` and `tokenizer.json`.
+//! The model bundle: a directory with `manifest.json`, `model.onnx` (the graph),
+//! `model.onnx.data` (its weights, as ONNX external data) and `tokenizer.json`.
 //!
 //! The manifest is versioned (`format` + `version`) and lists every other file with its size and
 //! CRC-32, so a truncated or corrupted file is reported by name before tract ever parses it.
@@ -18,6 +19,8 @@ pub const MANIFEST_VERSION: u32 = 1;
 pub const ARCHITECTURE: &str = "llama";
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "model.onnx";
+/// The graph's weights (ONNX external data, named inside the graph).
+pub const WEIGHTS_FILE: &str = "model.onnx.data";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Graph input: token ids, (1, sequence_length) i64.
@@ -179,7 +182,7 @@ impl Bundle {
                 ),
             });
         }
-        for needed in [GRAPH_FILE, TOKENIZER_FILE] {
+        for needed in [GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
             if !manifest.files.iter().any(|f| f.name == needed) {
                 return Err(BundleError::BadManifest {
                     path,

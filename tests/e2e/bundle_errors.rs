@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use quill::bundle::{GRAPH_FILE, MANIFEST_FILE, Manifest, TOKENIZER_FILE};
+use quill::bundle::{GRAPH_FILE, MANIFEST_FILE, Manifest, TOKENIZER_FILE, WEIGHTS_FILE};
 use quill::{BundleError, LoadOptions, Model};
 
 use crate::support::bundle_dir;
@@ -18,7 +18,7 @@ fn scratch(name: &str) -> PathBuf {
     fs::create_dir_all(&dir).unwrap();
     let src = bundle_dir();
     fs::copy(src.join(MANIFEST_FILE), dir.join(MANIFEST_FILE)).unwrap();
-    for f in [GRAPH_FILE, TOKENIZER_FILE] {
+    for f in [GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
         fs::hard_link(src.join(f), dir.join(f)).unwrap();
     }
     dir
@@ -108,45 +108,52 @@ fn foreign_format_unknown_version_other_architecture() {
     );
 }
 
-#[test]
-fn truncated_graph() {
-    let dir = scratch("truncated");
-    let full = fs::read(dir.join(GRAPH_FILE)).unwrap();
-    fs::remove_file(dir.join(GRAPH_FILE)).unwrap();
-    fs::write(dir.join(GRAPH_FILE), &full[..full.len() / 3]).unwrap();
-    let err = load(&dir);
-    assert!(matches!(err, BundleError::SizeMismatch { .. }), "{err:?}");
-    assert_names(&err, GRAPH_FILE);
-    assert!(err.to_string().contains("truncated"), "{err}");
-
-    // Without the checks, tract's parser itself must fail cleanly, not panic.
-    let err = Model::load(
-        &dir,
-        &LoadOptions {
-            verify: false,
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap();
-    assert!(matches!(err, BundleError::BadGraph { .. }), "{err:?}");
-    assert_names(&err, GRAPH_FILE);
+/// Replaces `name` in `dir` by the first `len` bytes of the original.
+fn truncate(dir: &Path, name: &str, len: impl FnOnce(usize) -> usize) {
+    let full = fs::read(dir.join(name)).unwrap();
+    fs::remove_file(dir.join(name)).unwrap();
+    fs::write(dir.join(name), &full[..len(full.len())]).unwrap();
 }
 
 #[test]
-fn corrupted_graph_bytes() {
+fn truncated_weights_or_graph() {
+    for name in [WEIGHTS_FILE, GRAPH_FILE] {
+        let dir = scratch(&format!("truncated-{name}"));
+        truncate(&dir, name, |n| n / 3);
+        let err = load(&dir);
+        assert!(matches!(err, BundleError::SizeMismatch { .. }), "{err:?}");
+        assert_names(&err, name);
+        assert!(err.to_string().contains("truncated"), "{err}");
+
+        // Without the checks, tract itself must fail cleanly, not panic.
+        let err = Model::load(
+            &dir,
+            &LoadOptions {
+                verify: false,
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, BundleError::BadGraph { .. }), "{err:?}");
+        assert_names(&err, GRAPH_FILE);
+    }
+}
+
+#[test]
+fn corrupted_weight_bytes() {
     let dir = scratch("corrupted");
-    let mut bytes = fs::read(dir.join(GRAPH_FILE)).unwrap();
+    let mut bytes = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0x55; // inside a weight: only the checksum can tell
-    fs::remove_file(dir.join(GRAPH_FILE)).unwrap();
-    fs::write(dir.join(GRAPH_FILE), &bytes).unwrap();
+    fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+    fs::write(dir.join(WEIGHTS_FILE), &bytes).unwrap();
     let err = load(&dir);
     assert!(
         matches!(err, BundleError::ChecksumMismatch { .. }),
         "{err:?}"
     );
-    assert_names(&err, GRAPH_FILE);
+    assert_names(&err, WEIGHTS_FILE);
 }
 
 #[test]
@@ -166,5 +173,5 @@ fn a_file_that_is_not_a_graph_or_not_a_tokenizer() {
     let err = load(&dir);
     assert!(matches!(err, BundleError::BadTokenizer { .. }), "{err:?}");
     assert_names(&err, TOKENIZER_FILE);
-    assert_eq!(manifest(&dir).files.len(), 2);
+    assert_eq!(manifest(&dir).files.len(), 3);
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask export`: a GGUF checkpoint → a quill model bundle directory.
 //!
-//! The bundle holds `model.onnx` (the decoder with a KV cache, standard ONNX opset 23),
+//! The bundle holds `model.onnx` (the decoder with a KV cache, standard ONNX opset 23, its
+//! weights in the ONNX external data file `model.onnx.data`),
 //! `tokenizer.json` (Hugging Face `tokenizers` format, so independent tools can read it) and
 //! `manifest.json` (see `quill::bundle::Manifest`).
 //!
@@ -79,17 +80,21 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     }
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
 
-    let model = build_graph(&weights, opts.format);
-    let bytes = model.encode_to_vec();
+    let (model, weights_data) = build_graph(&weights, opts.format);
+    let mut files = Vec::new();
+    for (name, bytes) in [
+        (bundle::GRAPH_FILE, model.encode_to_vec()),
+        (bundle::WEIGHTS_FILE, weights_data),
+    ] {
+        let path = tmp.join(name);
+        fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        files.push(FileEntry::of_bytes(name, &bytes));
+    }
     drop(model);
-    let graph_path = tmp.join(bundle::GRAPH_FILE);
-    fs::write(&graph_path, &bytes).with_context(|| format!("writing {}", graph_path.display()))?;
-    let graph_entry = FileEntry::of_bytes(bundle::GRAPH_FILE, &bytes);
-    drop(bytes);
 
     let tok_bytes = serde_json::to_vec(&tokenizer.json)?;
     fs::write(tmp.join(bundle::TOKENIZER_FILE), &tok_bytes)?;
-    let tok_entry = FileEntry::of_bytes(bundle::TOKENIZER_FILE, &tok_bytes);
+    files.push(FileEntry::of_bytes(bundle::TOKENIZER_FILE, &tok_bytes));
 
     let c = &weights.config;
     let manifest = Manifest {
@@ -123,7 +128,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
             sha256: source_sha256,
             description: g.meta_str("general.name").unwrap_or("").to_string(),
         },
-        files: vec![graph_entry, tok_entry],
+        files,
     };
     fs::write(
         tmp.join(bundle::MANIFEST_FILE),
@@ -227,12 +232,16 @@ impl Ctx {
     }
 }
 
-/// Builds the decoder graph described in the module docs.
-pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::ModelProto {
+/// Builds the decoder graph described in the module docs; returns it and the bytes of its
+/// external data file (`bundle::WEIGHTS_FILE`), which holds every large initializer.
+pub fn build_graph(
+    w: &LlamaWeights,
+    format: WeightFormat,
+) -> (tract_onnx::pb::ModelProto, Vec<u8>) {
     let c = &w.config;
     let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
     let mut cx = Ctx {
-        b: GraphBuilder::new("quill-decoder"),
+        b: GraphBuilder::new("quill-decoder").with_external_data(bundle::WEIGHTS_FILE),
         format,
     };
 
@@ -345,7 +354,8 @@ pub fn build_graph(w: &LlamaWeights, format: WeightFormat) -> tract_onnx::pb::Mo
         cx.b.output(&bundle::present_key(l), Elem::F32);
         cx.b.output(&bundle::present_value(l), Elem::F32);
     }
-    cx.b.into_model("quill-xtask")
+    let (_, data) = cx.b.take_external_data().expect("built with external data");
+    (cx.b.into_model("quill-xtask"), data)
 }
 
 /// The default bundle directory for a name: `models/bundles/<name>` in the workspace.

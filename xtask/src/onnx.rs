@@ -40,10 +40,17 @@ pub enum Attr {
     Float(f32),
 }
 
+/// Initializers at least this big go to the external data file (when there is one).
+const EXTERNAL_MIN_BYTES: usize = 1024;
+/// Alignment of each tensor in the external data file.
+const EXTERNAL_ALIGN: usize = 64;
+
 #[derive(Default)]
 pub struct GraphBuilder {
     graph: pb::GraphProto,
     counter: usize,
+    /// ONNX external data: (file name, relative to the graph; its bytes).
+    external: Option<(String, Vec<u8>)>,
 }
 
 fn value_info(name: &str, elem: Elem, dims: Option<&[Dim]>) -> pb::ValueInfoProto {
@@ -81,7 +88,20 @@ impl GraphBuilder {
                 ..Default::default()
             },
             counter: 0,
+            external: None,
         }
+    }
+
+    /// Stores large initializers in `file` (ONNX external data) instead of inside the graph:
+    /// the graph stays small, and a reader never holds the protobuf and the weights at once.
+    pub fn with_external_data(mut self, file: &str) -> GraphBuilder {
+        self.external = Some((file.to_string(), Vec::new()));
+        self
+    }
+
+    /// The external data file's name and bytes, if any (taken out of the builder).
+    pub fn take_external_data(&mut self) -> Option<(String, Vec<u8>)> {
+        self.external.take()
     }
 
     pub fn input(&mut self, name: &str, elem: Elem, dims: &[Dim]) -> String {
@@ -121,13 +141,30 @@ impl GraphBuilder {
     }
 
     fn push_init(&mut self, name: &str, dims: &[usize], elem: Elem, raw: Vec<u8>) -> String {
-        self.graph.initializer.push(pb::TensorProto {
+        let mut t = pb::TensorProto {
             name: name.to_string(),
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: elem.code(),
-            raw_data: raw,
             ..Default::default()
-        });
+        };
+        match &mut self.external {
+            Some((file, data)) if raw.len() >= EXTERNAL_MIN_BYTES => {
+                data.resize(data.len().next_multiple_of(EXTERNAL_ALIGN), 0);
+                let entry = |key: &str, value: String| pb::StringStringEntryProto {
+                    key: key.to_string(),
+                    value,
+                };
+                t.external_data = vec![
+                    entry("location", file.clone()),
+                    entry("offset", data.len().to_string()),
+                    entry("length", raw.len().to_string()),
+                ];
+                t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+                data.extend_from_slice(&raw);
+            }
+            _ => t.raw_data = raw,
+        }
+        self.graph.initializer.push(t);
         name.to_string()
     }
 
@@ -209,6 +246,7 @@ impl GraphBuilder {
         });
     }
 
+    /// The model; call [`GraphBuilder::take_external_data`] first when using external data.
     pub fn into_model(self, producer: &str) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: IR_VERSION,
