@@ -119,6 +119,11 @@ impl<'a, D: Decoder> Generator<'a, D> {
         input: &[TokenId],
         opts: &GenerateOptions,
     ) -> Result<Self, GenerateError> {
+        if opts.max_tokens == 0 {
+            return Err(GenerateError::BadOption(
+                "max tokens must be at least 1".into(),
+            ));
+        }
         let sampler = Sampler::new(opts.sampling.clone(), tokenizer.vocab_size())?;
         let stops =
             StopMatcher::new(&opts.stop).map_err(|e| GenerateError::BadOption(e.to_string()))?;

@@ -6,6 +6,7 @@ mod bundle_errors;
 mod cli;
 mod generate;
 mod gguf_types;
+mod golden;
 mod onnxruntime;
 mod parity;
 mod support;
