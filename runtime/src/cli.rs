@@ -35,8 +35,28 @@ pub enum Command {
     Chat(ChatArgs),
     /// Describe a model bundle
     Info(InfoArgs),
+    /// Measure load, prefill and decode speed and peak memory (medians of repeated runs)
+    Bench(BenchArgs),
     /// Print the token ids of a text (one JSON array), for checking the tokenizer
     Tokenize(TokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated after the prompt
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Runs (each loads the model afresh); medians are reported
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat(a),
         Command::Info(a) => info(a),
         Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -425,5 +446,24 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let bundle = Bundle::open_unverified(&a.model.dir())?;
     let tok = crate::Tokenizer::from_file(&bundle.path(bundle::TOKENIZER_FILE))?;
     println!("{}", json!(tok.encode(&text, a.special)));
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.model.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let opts = crate::bench::BenchOptions {
+        threads: a.model.threads,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        runs: a.runs,
+    };
+    let report = crate::bench::run(&a.model.dir(), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
     Ok(())
 }

@@ -180,3 +180,40 @@ fn info_describes_the_bundle() {
         assert!(s.contains(want), "info lacks {want:?}:\n{s}");
     }
 }
+
+#[test]
+fn bench_reports_medians_as_json() {
+    let model = bundle_dir().to_str().unwrap();
+    let args = [
+        "bench",
+        "--model",
+        model,
+        "--runs",
+        "2",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ];
+    let out = quill(&args, b"");
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(v["runs"], 2);
+    assert_eq!(v["prompt_tokens"], 16);
+    for key in [
+        "load_s",
+        "time_to_first_token_ms",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    ] {
+        let s = &v[key];
+        let (min, med, max) = (
+            s["min"].as_f64().unwrap(),
+            s["median"].as_f64().unwrap(),
+            s["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= med && med <= max, "{key}: {s}");
+    }
+    assert!(v["peak_rss_mb"].as_f64().unwrap() > 100.0, "{v}");
+}

@@ -1,0 +1,185 @@
+//! `quill bench`: load, prefill and decode timings at fixed lengths, medians of repeated runs.
+//!
+//! Each run loads and optimizes the bundle afresh, prefills a prompt of exactly
+//! `prompt_tokens` tokens and greedily decodes `gen_tokens` more (end-of-sequence tokens are
+//! ignored so every run does the same work). Peak RSS is the process's high-water mark.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::generate::{GenerateOptions, Generator, Step, TokenBuf};
+use crate::model::{LoadOptions, Model};
+use crate::sampler::SamplingOptions;
+
+/// Text the benchmark prompt is cut from (repeated as needed).
+const TEXT: &str = "The lighthouse keeper climbed the stairs every evening to light the lamp. \
+The sea below was grey and restless, and the wind carried the smell of salt and rain. He had kept \
+the light for thirty years, and in all that time no ship had been lost on the rocks below the \
+cliff. ";
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub runs: usize,
+}
+
+/// Median, minimum and maximum of one measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    fn of(mut xs: Vec<f64>) -> Summary {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        let median = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Summary {
+            median,
+            min: xs[0],
+            max: xs[n - 1],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub weights: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub runs: usize,
+    pub load_s: Summary,
+    pub time_to_first_token_ms: Summary,
+    pub prefill_tokens_per_s: Summary,
+    pub decode_tokens_per_s: Summary,
+    /// Peak resident memory of the process over all runs, in MB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// The process's peak resident set size (`VmHWM`), in MB; Linux only.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(opts.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(
+        opts.prompt_tokens >= 1 && opts.gen_tokens >= 2,
+        "need at least 1 prompt token and 2 generated tokens"
+    );
+    let (mut load, mut ttft, mut prefill, mut decode) = (vec![], vec![], vec![], vec![]);
+    let mut header = None;
+    for _ in 0..opts.runs {
+        let t0 = Instant::now();
+        let model = Model::load(
+            dir,
+            &LoadOptions {
+                threads: opts.threads,
+                verify: true,
+            },
+        )?;
+        load.push(t0.elapsed().as_secs_f64());
+        let m = model.manifest();
+        anyhow::ensure!(
+            opts.prompt_tokens + opts.gen_tokens <= m.context_length,
+            "{} prompt + {} generated tokens exceed the {}-token context",
+            opts.prompt_tokens,
+            opts.gen_tokens,
+            m.context_length
+        );
+        header.get_or_insert_with(|| (m.name.clone(), m.weights.clone()));
+        let base = model.tokenizer.encode(TEXT, false);
+        let prompt: Vec<u32> = base
+            .iter()
+            .copied()
+            .cycle()
+            .take(opts.prompt_tokens)
+            .collect();
+        let mut session = model.session()?;
+        let mut history = TokenBuf::new();
+        let gen_opts = GenerateOptions {
+            sampling: SamplingOptions::greedy(),
+            max_tokens: opts.gen_tokens,
+            stop: vec![],
+        };
+        let mut g = Generator::new(
+            &mut session,
+            &model.tokenizer,
+            &[],
+            &mut history,
+            &prompt,
+            &gen_opts,
+        )?;
+        while let Step::Text(_) = g.step()? {}
+        let s = g.stats();
+        ttft.push(s.time_to_first_token.as_secs_f64() * 1e3);
+        prefill.push(s.prefill_tokens_per_s());
+        decode.push(s.decode_tokens_per_s());
+    }
+    let (model, weights) = header.expect("at least one run");
+    Ok(BenchReport {
+        model,
+        weights,
+        threads: opts.threads,
+        prompt_tokens: opts.prompt_tokens,
+        gen_tokens: opts.gen_tokens,
+        runs: opts.runs,
+        load_s: Summary::of(load),
+        time_to_first_token_ms: Summary::of(ttft),
+        prefill_tokens_per_s: Summary::of(prefill),
+        decode_tokens_per_s: Summary::of(decode),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} ({}), {} thread(s), prompt {} tokens, {} generated, {} runs: median [min – max]",
+            self.model, self.weights, self.threads, self.prompt_tokens, self.gen_tokens, self.runs
+        )?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, s: &Summary, unit: &str| {
+            writeln!(
+                f,
+                "  {name:<22} {:>9.2} {unit:<9} [{:.2} – {:.2}]",
+                s.median, s.min, s.max
+            )
+        };
+        row(f, "load + optimize", &self.load_s, "s")?;
+        row(f, "time to first token", &self.time_to_first_token_ms, "ms")?;
+        row(f, "prefill", &self.prefill_tokens_per_s, "tokens/s")?;
+        row(f, "decode", &self.decode_tokens_per_s, "tokens/s")?;
+        match self.peak_rss_mb {
+            Some(mb) => writeln!(f, "  {:<22} {mb:>9.0} MB", "peak RSS"),
+            None => writeln!(f, "  peak RSS               unavailable on this system"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_median_min_max() {
+        let s = Summary::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Summary::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
+    }
+}
