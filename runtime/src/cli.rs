@@ -37,6 +37,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure load, prefill and decode speed and peak memory (medians of repeated runs)
     Bench(BenchArgs),
+    /// Perplexity on a text file, and top-1 agreement with another bundle
+    Eval(EvalArgs),
     /// Print the token ids of a text (one JSON array), for checking the tokenizer
     Tokenize(TokenizeArgs),
 }
@@ -55,6 +57,32 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A UTF-8 text file
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Also run this bundle and report how often both predict the same next token
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+    /// Tokens per window
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// Tokens between window starts (each window scores its last `stride` tokens)
+    #[arg(long, default_value_t = 256)]
+    pub stride: usize,
+    /// Score at most this many tokens (0 = all)
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+    /// prefill: each window in one batch; decode: one token at a time through the KV cache
+    #[arg(long, default_value = "prefill", value_parser = ["prefill", "decode"])]
+    pub mode: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -197,6 +225,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
+        Command::Eval(a) => eval(a),
     }
 }
 
@@ -464,6 +493,65 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let bytes = std::fs::read(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (invalid byte at offset {}); convert it to UTF-8 first",
+            a.text.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let model = a.model.load()?;
+    let other = match &a.against {
+        Some(dir) => Some(Model::load(
+            dir,
+            &LoadOptions {
+                threads: a.model.threads,
+                verify: true,
+            },
+        )?),
+        None => None,
+    };
+    let opts = crate::eval::EvalOptions {
+        context: a.context,
+        stride: a.stride,
+        max_tokens: a.max_tokens,
+        mode: if a.mode == "decode" {
+            crate::eval::Mode::Decode
+        } else {
+            crate::eval::Mode::Prefill
+        },
+    };
+    let r = crate::eval::evaluate(&model, other.as_ref(), &text, &opts)?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = json!(model.manifest().name);
+        v["against"] = json!(other.as_ref().map(|m| m.manifest().name.clone()));
+        v["text"] = json!(a.text.display().to_string());
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{}: perplexity {:.3} over {} of {} tokens ({} mode, context {}, stride {})",
+        model.manifest().name,
+        r.perplexity,
+        r.scored_tokens,
+        r.text_tokens,
+        a.mode,
+        r.context,
+        r.stride
+    );
+    if let (Some(o), Some(p), Some(agree)) = (&other, r.other_perplexity, r.top1_agreement) {
+        println!(
+            "{}: perplexity {p:.3}; top-1 agreement {:.2}%",
+            o.manifest().name,
+            agree * 100.0
+        );
     }
     Ok(())
 }

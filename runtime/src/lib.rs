@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod chat;
 pub mod cli;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod sampler;

@@ -4,6 +4,7 @@
 mod alloc;
 mod bundle_errors;
 mod cli;
+mod eval;
 mod generate;
 mod gguf_types;
 mod golden;
