@@ -141,7 +141,7 @@ fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<P
         model.inputs.len()
     );
     let kv = tract_onnx::tract_core::transform::get_transform("transformers_detect_all")?
-        .context("tract-transformers' detect_kv_cache transform is not linked in")?;
+        .context("tract-transformers' transformers_detect_all transform is not linked in")?;
     model.declutter()?;
     kv.transform(&mut model)
         .context("moving the KV cache into tract's state")?;
