@@ -76,9 +76,7 @@ pub enum Step<'a> {
 pub struct Stats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// Prefill: from the start of `prefill` to the first logits.
-    pub prefill: Duration,
-    /// From the start of `prefill` to the first generated token.
+    /// From the first step's start to the first generated token: the prefill of the prompt.
     pub time_to_first_token: Duration,
     /// All decode steps after the first token.
     pub decode: Duration,
@@ -86,7 +84,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+        self.prompt_tokens as f64 / self.time_to_first_token.as_secs_f64().max(1e-9)
     }
     /// Decode speed over the tokens after the first.
     pub fn decode_tokens_per_s(&self) -> f64 {
@@ -189,7 +187,6 @@ impl<'a, D: Decoder> Generator<'a, D> {
         let step_start = Instant::now();
         let token = self.advance()?;
         if first {
-            self.stats.prefill = t0.elapsed();
             self.stats.time_to_first_token = t0.elapsed();
         } else {
             self.stats.decode += step_start.elapsed();

@@ -270,10 +270,6 @@ impl Session {
         Ok(())
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.vocab
-    }
-
     /// Token-input tensors allocated so far (see the field's doc).
     pub fn input_allocations(&self) -> u64 {
         self.input_allocations

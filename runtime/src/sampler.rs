@@ -134,10 +134,6 @@ impl Sampler {
         })
     }
 
-    pub fn options(&self) -> &SamplingOptions {
-        &self.opts
-    }
-
     /// Picks the next token. `history` is the sequence so far (for the repetition penalty).
     pub fn sample(&mut self, logits: &[f32], history: &[TokenId]) -> TokenId {
         let o = &self.opts;

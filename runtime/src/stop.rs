@@ -73,11 +73,6 @@ impl StopMatcher {
         })
     }
 
-    /// Forgets held-back bytes (a new generation).
-    pub fn reset(&mut self) {
-        self.pending.clear();
-    }
-
     /// Appends the bytes of one token. Returns true when a stop string is complete; either way
     /// [`StopMatcher::text`] is then what can be printed (on a stop: the text before it).
     pub fn push(&mut self, bytes: &[u8]) -> bool {
