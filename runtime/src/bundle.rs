@@ -19,6 +19,9 @@ pub const MANIFEST_VERSION: u32 = 1;
 pub const ARCHITECTURE: &str = "llama";
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "model.onnx";
+/// The weight formats this runtime reads (`Manifest::weights`).
+pub const WEIGHT_FORMATS: [&str; 3] = ["f32", "f16", "int8"];
+
 /// The graph's weights (ONNX external data, named inside the graph).
 pub const WEIGHTS_FILE: &str = "model.onnx.data";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -173,12 +176,14 @@ impl Bundle {
                 expected: ARCHITECTURE,
             });
         }
-        if manifest.weights != "f32" {
+        if !WEIGHT_FORMATS.contains(&manifest.weights.as_str()) {
             return Err(BundleError::BadManifest {
                 path,
                 reason: format!(
-                    "weights {:?} are not supported by this quill (it reads \"f32\")",
-                    manifest.weights
+                    "weights {:?} are not supported by this quill (it reads {}); \
+                     re-export the bundle with `cargo xtask export --quant int8`",
+                    manifest.weights,
+                    WEIGHT_FORMATS.join(", ")
                 ),
             });
         }

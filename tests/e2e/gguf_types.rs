@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use quill::{GenerateOptions, Generator, LoadOptions, Model, SamplingOptions, TokenBuf};
-use xtask::export::{ExportOptions, WeightFormat};
+use xtask::export::{ExportOptions, QuantOptions};
 use xtask::gguf::{Gguf, TensorType};
 
 use crate::support::{python, teacher};
@@ -95,7 +95,7 @@ fn a_requantized_teacher_exports_and_answers() {
         teacher: convert("Q8_0"),
         out_dir: out_dir.clone(),
         name: "teacher-q8_0".into(),
-        format: WeightFormat::F32,
+        quant: QuantOptions::f32(),
     })
     .unwrap();
     let m = Model::load(&out_dir, &LoadOptions::default()).unwrap();

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use quill::{LoadOptions, Model};
-use xtask::export::{ExportOptions, WeightFormat};
+use xtask::export::{ExportOptions, QuantOptions};
 use xtask::gguf::Gguf;
 use xtask::llama::LlamaWeights;
 
@@ -66,7 +66,7 @@ pub fn bundle_dir() -> &'static Path {
             teacher: teacher().to_owned(),
             out_dir: out_dir.clone(),
             name: "teacher-f32".into(),
-            format: WeightFormat::F32,
+            quant: QuantOptions::f32(),
         })
         .expect("exporting the teacher");
         out_dir

@@ -23,6 +23,7 @@
 //! `LessOrEqual` and `Where` (tract cannot analyse a shape-derived `Trilu` offset), and RoPE is
 //! written as rotate-half so tract recognises it (`ApplyRope`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,18 +35,75 @@ use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
 use crate::gguf::Gguf;
 use crate::llama::{LlamaWeights, Matrix};
 use crate::onnx::{Attr, Dim, Elem, GraphBuilder};
+use crate::quant::{self, KronOrthogonal, Rotation};
 use crate::tokenizer_export;
 
-/// Weight storage in the exported graph. Quantized formats come with issue #3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the exported graph stores its weights and computes its linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightFormat {
+    /// float32 weights and arithmetic.
     F32,
+    /// float16 weights and matmuls (for CPUs with fp16 arithmetic); norms, rotary tables,
+    /// softmax and the residual stream stay float32.
+    F16,
+    /// int8 weights (one symmetric scale per output channel), activations quantized per token at
+    /// run time, the matmuls as ONNX `MatMulInteger` (int8 × int8 → int32).
+    Int8,
 }
 
 impl WeightFormat {
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Int8 => "int8",
+        }
+    }
+}
+
+/// The linears of the model, by role; [`QuantOptions::keep_float`] names them.
+pub const LINEAR_KINDS: [&str; 9] = [
+    "q",
+    "k",
+    "v",
+    "o",
+    "gate",
+    "up",
+    "down",
+    "lm_head",
+    "embedding",
+];
+
+/// Quantization choices for [`export`].
+#[derive(Debug, Clone)]
+pub struct QuantOptions {
+    pub format: WeightFormat,
+    /// Orthogonal rotations folded into the weights (see [`crate::quant`]); exact in float, they
+    /// only change how well the int8 form approximates the model.
+    pub rotation: Rotation,
+    /// Study aid: linears of these kinds ([`LINEAR_KINDS`]) stay float32.
+    pub keep_float: Vec<String>,
+    /// Study aid: quantize the weights only (the graph dequantizes them and multiplies in
+    /// float32), to separate weight error from activation error. Not a deployable bundle.
+    pub weights_only: bool,
+}
+
+impl QuantOptions {
+    pub fn f32() -> QuantOptions {
+        QuantOptions::new(WeightFormat::F32)
+    }
+
+    /// The defaults for a format: int8 gets every rotation.
+    pub fn new(format: WeightFormat) -> QuantOptions {
+        QuantOptions {
+            format,
+            rotation: if format == WeightFormat::Int8 {
+                Rotation::ALL
+            } else {
+                Rotation::NONE
+            },
+            keep_float: Vec::new(),
+            weights_only: false,
         }
     }
 }
@@ -54,14 +112,19 @@ pub struct ExportOptions {
     pub teacher: PathBuf,
     pub out_dir: PathBuf,
     pub name: String,
-    pub format: WeightFormat,
+    pub quant: QuantOptions,
+}
+
+/// The default bundle name for a format: `smollm2-135m-instruct-<format>`.
+pub fn default_name(format: WeightFormat) -> String {
+    format!("smollm2-135m-instruct-{}", format.name())
 }
 
 /// Exports a bundle; returns the manifest written.
 pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     let t0 = Instant::now();
     let g = Gguf::open(&opts.teacher)?;
-    let weights = LlamaWeights::from_gguf(&g, true)?;
+    let mut weights = LlamaWeights::from_gguf(&g, true)?;
     eprintln!(
         "read {} ({} tensors, {:.1} M parameters) in {:.1} s",
         opts.teacher.display(),
@@ -80,7 +143,8 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     }
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
 
-    let (model, weights_data) = build_graph(&weights, opts.format);
+    let ffn_rotation = quant::rotate(&mut weights, opts.quant.rotation, ROTATION_SEED)?;
+    let (model, weights_data) = build_graph(&weights, &opts.quant, ffn_rotation.as_ref());
     let mut files = Vec::new();
     for (name, bytes) in [
         (bundle::GRAPH_FILE, model.encode_to_vec()),
@@ -102,7 +166,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         version: bundle::MANIFEST_VERSION,
         name: opts.name.clone(),
         architecture: bundle::ARCHITECTURE.to_string(),
-        weights: opts.format.name().to_string(),
+        weights: opts.quant.format.name().to_string(),
         config: ModelConfig {
             n_layers: c.n_layers,
             d_model: c.d_model,
@@ -149,6 +213,9 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Seed of the random signs of the residual-stream rotation (fixed: exports are reproducible).
+const ROTATION_SEED: u64 = 0x7175_696c_6c;
+
 /// Cosine and sine tables for rotate-half RoPE: (context, head_dim), each half repeated.
 pub fn rope_tables(context: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
@@ -168,21 +235,128 @@ pub fn rope_tables(context: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Ve
     (cos, sin)
 }
 
-struct Ctx {
+struct Ctx<'a> {
     b: GraphBuilder,
-    format: WeightFormat,
+    quant: &'a QuantOptions,
+    /// Per-token int8 quantization already wired for a value: (int8 values, scale (1, S, 1)).
+    quantized: HashMap<String, (String, String)>,
 }
 
-impl Ctx {
-    /// `x (…, in) · Wᵀ` for a PyTorch-layout weight `(out, in)`.
-    fn linear(&mut self, x: &str, name: &str, w: &Matrix) -> String {
-        match self.format {
+impl Ctx<'_> {
+    fn format_of(&self, kind: &str) -> WeightFormat {
+        if self.quant.keep_float.iter().any(|k| k == kind) {
+            WeightFormat::F32
+        } else {
+            self.quant.format
+        }
+    }
+
+    /// `x (…, in) · Wᵀ` for a PyTorch-layout weight `(out, in)`; `kind` is its role.
+    fn linear(&mut self, x: &str, name: &str, kind: &str, w: &Matrix) -> String {
+        match self.format_of(kind) {
             WeightFormat::F32 => {
                 let wt = w.transposed(); // (in, out)
                 let w = self.b.init_f32(name, &[wt.rows, wt.cols], &wt.data);
                 self.b.op("MatMul", &[x, &w], vec![])
             }
+            WeightFormat::F16 => {
+                let wt = w.transposed();
+                let data: Vec<half::f16> =
+                    wt.data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let w = self.b.init_f16(name, &[wt.rows, wt.cols], &data);
+                let x16 = self.b.cast(x, Elem::F16);
+                let y = self.b.op("MatMul", &[&x16, &w], vec![]);
+                self.b.cast(&y, Elem::F32)
+            }
+            WeightFormat::Int8 => {
+                let q = quant::quantize_rows(w);
+                let wq = self.b.init_i8(name, &[q.cols, q.rows], &q.q_transposed()); // (in, out)
+                let ws = self
+                    .b
+                    .init_f32(&format!("{name}.scale"), &[q.rows], &q.scale);
+                if self.quant.weights_only {
+                    let wf = self.b.cast(&wq, Elem::F32);
+                    let wf = self.b.op("Mul", &[&wf, &ws], vec![]);
+                    return self.b.op("MatMul", &[x, &wf], vec![]);
+                }
+                let (xq, xs) = self.quantize_per_token(x);
+                let acc = self.b.op("MatMulInteger", &[&xq, &wq], vec![]); // (1, S, out) i32
+                let y = self.b.cast(&acc, Elem::F32);
+                let y = self.b.op("Mul", &[&y, &ws], vec![]);
+                self.b.op("Mul", &[&y, &xs], vec![])
+            }
         }
+    }
+
+    /// Symmetric int8 quantization of `x (1, S, K)` with one scale per token:
+    /// `scale = max|x| / 127` over the last axis, `q = round(x / scale)`. Wired once per value.
+    fn quantize_per_token(&mut self, x: &str) -> (String, String) {
+        if let Some(done) = self.quantized.get(x) {
+            return done.clone();
+        }
+        let b = &mut self.b;
+        let abs = b.op("Abs", &[x], vec![]);
+        let last = b.ints(&[-1]);
+        let amax = b.op(
+            "ReduceMax",
+            &[&abs, &last],
+            vec![("keepdims", Attr::Int(1))],
+        ); // (1, S, 1)
+        let tiny = b.float_scalar(1e-12);
+        let amax = b.op("Max", &[&amax, &tiny], vec![]);
+        let c127 = b.float_scalar(127.0);
+        let inv = b.op("Div", &[&c127, &amax], vec![]);
+        let scaled = b.op("Mul", &[x, &inv], vec![]);
+        let rounded = b.op("Round", &[&scaled], vec![]);
+        let q = b.cast(&rounded, Elem::I8);
+        let scale = b.op("Div", &[&amax, &c127], vec![]);
+        self.quantized
+            .insert(x.to_string(), (q.clone(), scale.clone()));
+        (q, scale)
+    }
+
+    /// The embedding lookup `table[ids]` → (1, S, D) float32.
+    fn embedding(&mut self, ids: &str, table: &Matrix) -> String {
+        let (v, d) = (table.rows, table.cols);
+        let gather =
+            |b: &mut GraphBuilder, t: &str| b.op("Gather", &[t, ids], vec![("axis", Attr::Int(0))]);
+        match self.format_of("embedding") {
+            WeightFormat::F32 => {
+                let t = self.b.init_f32("embedding", &[v, d], &table.data);
+                gather(&mut self.b, &t)
+            }
+            WeightFormat::F16 => {
+                let data: Vec<half::f16> =
+                    table.data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                let t = self.b.init_f16("embedding", &[v, d], &data);
+                let e = gather(&mut self.b, &t);
+                self.b.cast(&e, Elem::F32)
+            }
+            WeightFormat::Int8 => {
+                let q = quant::quantize_rows(table);
+                let t = self.b.init_i8("embedding", &[v, d], &q.q);
+                let s = self.b.init_f32("embedding.scale", &[v, 1], &q.scale);
+                let e = gather(&mut self.b, &t); // (1, S, D) i8
+                let e = self.b.cast(&e, Elem::F32);
+                let s = gather(&mut self.b, &s); // (1, S, 1)
+                self.b.op("Mul", &[&e, &s], vec![])
+            }
+        }
+    }
+
+    /// `x (1, S, n) · Q` for the Kronecker-factored `Q = A ⊗ B`: `Aᵀ · X · B` on `X (1, S, a, b)`.
+    fn rotate_online(&mut self, x: &str, name: &str, q: &KronOrthogonal) -> String {
+        let (a, bm) = q.as_two_factors();
+        let b = &mut self.b;
+        let shape = b.ints(&[1, -1, a.rows as i64, bm.rows as i64]);
+        let r = b.op("Reshape", &[x, &shape], vec![]);
+        let bc = b.init_f32(&format!("{name}.b"), &[bm.rows, bm.cols], &bm.data);
+        let r = b.op("MatMul", &[&r, &bc], vec![]);
+        let at = a.transposed();
+        let ac = b.init_f32(&format!("{name}.a_t"), &[at.rows, at.cols], &at.data);
+        let r = b.op("MatMul", &[&ac, &r], vec![]);
+        let flat = b.ints(&[1, -1, q.order() as i64]);
+        b.op("Reshape", &[&r, &flat], vec![])
     }
 
     /// `x / sqrt(mean(x²) + eps) · w` over the last axis.
@@ -199,6 +373,9 @@ impl Ctx {
         let var = b.op("Add", &[&ms, &eps], vec![]);
         let rms = b.op("Sqrt", &[&var], vec![]);
         let normed = b.op("Div", &[x, &rms], vec![]);
+        if w.iter().all(|&g| g == 1.0) {
+            return normed; // gains folded into the next linears
+        }
         let w = b.init_f32(name, &[w.len()], w);
         b.op("Mul", &[&normed, &w], vec![])
     }
@@ -236,13 +413,15 @@ impl Ctx {
 /// external data file (`bundle::WEIGHTS_FILE`), which holds every large initializer.
 pub fn build_graph(
     w: &LlamaWeights,
-    format: WeightFormat,
+    quant: &QuantOptions,
+    ffn_rotation: Option<&KronOrthogonal>,
 ) -> (tract_onnx::pb::ModelProto, Vec<u8>) {
     let c = &w.config;
-    let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
+    let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
     let mut cx = Ctx {
         b: GraphBuilder::new("quill-decoder").with_external_data(bundle::WEIGHTS_FILE),
-        format,
+        quant,
+        quantized: HashMap::new(),
     };
 
     let ids = cx.b.input(
@@ -266,10 +445,7 @@ pub fn build_graph(
     // Tied embeddings: the Gather and the lm_head MatMul get separate constants. tract does not
     // pre-pack a big constant that has several consumers, and would re-pack the 113 MB head on
     // every step.
-    let emb =
-        cx.b.init_f32("embedding", &[c.vocab_size, d], &w.embedding.data);
-    let mut x =
-        cx.b.op("Gather", &[&emb, &ids], vec![("axis", Attr::Int(0))]); // (1, S, D)
+    let mut x = cx.embedding(&ids, &w.embedding); // (1, S, D)
 
     let (cos_t, sin_t) = rope_tables(c.context_length, hd, c.rope_theta);
     let cos_t = cx.b.init_f32("rope_cos", &[c.context_length, hd], &cos_t);
@@ -305,9 +481,9 @@ pub fn build_graph(
     for (l, blk) in w.blocks.iter().enumerate() {
         let p = |s: &str| format!("layers.{l}.{s}");
         let h = cx.rms_norm(&x, &p("attn_norm"), &blk.attn_norm, c.rms_eps);
-        let q = cx.linear(&h, &p("wq"), &blk.wq);
-        let k = cx.linear(&h, &p("wk"), &blk.wk);
-        let v = cx.linear(&h, &p("wv"), &blk.wv);
+        let q = cx.linear(&h, &p("wq"), "q", &blk.wq);
+        let k = cx.linear(&h, &p("wk"), "k", &blk.wk);
+        let v = cx.linear(&h, &p("wv"), "v", &blk.wv);
         let q = cx.split_heads(&q, nh, hd); // (1, H, S, hd)
         let k = cx.split_heads(&k, nkv, hd); // (1, KV, S, hd)
         let v = cx.split_heads(&v, nkv, hd); // (1, KV, S, hd)
@@ -333,21 +509,24 @@ pub fn build_graph(
         );
         let dshape = b.ints(&[1, -1, (nh * hd) as i64]);
         let o = b.op("Reshape", &[&o, &dshape], vec![]); // (1, S, H·hd)
-        let o = cx.linear(&o, &p("wo"), &blk.wo);
+        let o = cx.linear(&o, &p("wo"), "o", &blk.wo);
         x = cx.b.op("Add", &[&x, &o], vec![]);
 
         let h = cx.rms_norm(&x, &p("ffn_norm"), &blk.ffn_norm, c.rms_eps);
-        let gate = cx.linear(&h, &p("w_gate"), &blk.w_gate); // (1, S, F)
-        let up = cx.linear(&h, &p("w_up"), &blk.w_up);
+        let gate = cx.linear(&h, &p("w_gate"), "gate", &blk.w_gate); // (1, S, F)
+        let up = cx.linear(&h, &p("w_up"), "up", &blk.w_up);
         let sig = cx.b.op("Sigmoid", &[&gate], vec![]);
         let silu = cx.b.op("Mul", &[&gate, &sig], vec![]);
-        let act = cx.b.op("Mul", &[&silu, &up], vec![]);
-        let down = cx.linear(&act, &p("w_down"), &blk.w_down);
+        let mut act = cx.b.op("Mul", &[&silu, &up], vec![]); // (1, S, F)
+        if let Some(r) = ffn_rotation {
+            act = cx.rotate_online(&act, &p("ffn_rotation"), r);
+        }
+        let down = cx.linear(&act, &p("w_down"), "down", &blk.w_down);
         x = cx.b.op("Add", &[&x, &down], vec![]);
     }
 
     let h = cx.rms_norm(&x, "output_norm", &w.output_norm, c.rms_eps);
-    let logits = cx.linear(&h, "lm_head", &w.lm_head);
+    let logits = cx.linear(&h, "lm_head", "lm_head", &w.lm_head);
     cx.b.op_named("Identity", &[&logits], vec![], bundle::LOGITS);
     cx.b.output(bundle::LOGITS, Elem::F32);
     for l in 0..c.n_layers {

@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod llama;
 pub mod onnx;
+pub mod quant;
 pub mod reference;
 pub mod text;
 pub mod tokenizer_export;

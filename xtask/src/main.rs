@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::export::{self, ExportOptions, WeightFormat};
+use xtask::export::{self, ExportOptions, QuantOptions, WeightFormat};
+use xtask::quant::Rotation;
 
 #[derive(Parser)]
 #[command(
@@ -31,9 +32,23 @@ enum Cmd {
         /// Bundle directory [default: models/bundles/<name>]
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Bundle name
-        #[arg(long, default_value = quill::bundle::DEFAULT_BUNDLE_NAME)]
-        name: String,
+        /// Bundle name [default: smollm2-135m-instruct-<quant>]
+        #[arg(long)]
+        name: Option<String>,
+        /// Weight format
+        #[arg(long, value_enum, default_value = "f32")]
+        quant: WeightFormat,
+        /// Rotations folded into the weights before quantizing: "all", "none", or a comma list
+        /// of residual, values, ffn [default: all for int8, none otherwise]
+        #[arg(long)]
+        rotate: Option<String>,
+        /// Study aid: keep these linears in float32 (comma list of q, k, v, o, gate, up, down,
+        /// lm_head, embedding)
+        #[arg(long, value_delimiter = ',')]
+        keep_float: Vec<String>,
+        /// Study aid: quantize weights only, multiply in float32 (not a deployable bundle)
+        #[arg(long)]
+        weights_only: bool,
     },
 }
 
@@ -47,7 +62,29 @@ fn main() -> Result<()> {
             println!("eval  {}", split.eval.display());
             println!("train {}", split.train.display());
         }
-        Cmd::Export { teacher, out, name } => {
+        Cmd::Export {
+            teacher,
+            out,
+            name,
+            quant,
+            rotate,
+            keep_float,
+            weights_only,
+        } => {
+            let mut q = QuantOptions::new(quant);
+            if let Some(r) = rotate {
+                q.rotation = parse_rotation(&r)?;
+            }
+            for k in &keep_float {
+                anyhow::ensure!(
+                    export::LINEAR_KINDS.contains(&k.as_str()),
+                    "--keep-float {k}: expected one of {}",
+                    export::LINEAR_KINDS.join(", ")
+                );
+            }
+            q.keep_float = keep_float;
+            q.weights_only = weights_only;
+            let name = name.unwrap_or_else(|| export::default_name(quant));
             let teacher = match teacher {
                 Some(t) => t,
                 None => xtask::fetch::teacher()?,
@@ -58,9 +95,30 @@ fn main() -> Result<()> {
                 teacher,
                 out_dir,
                 name,
-                format: WeightFormat::F32,
+                quant: q,
             })?;
         }
     }
     Ok(())
+}
+
+fn parse_rotation(s: &str) -> Result<Rotation> {
+    let mut r = Rotation::NONE;
+    match s {
+        "all" => return Ok(Rotation::ALL),
+        "none" => return Ok(r),
+        _ => {}
+    }
+    for part in s.split(',') {
+        match part.trim() {
+            "residual" => r.residual = true,
+            "values" => r.values = true,
+            "ffn" => r.ffn = true,
+            other => anyhow::bail!(
+                "--rotate: unknown rotation {other:?}; expected all, none, or a comma list of \
+                 residual, values, ffn"
+            ),
+        }
+    }
+    Ok(r)
 }

@@ -21,15 +21,23 @@ pub enum Dim {
 #[derive(Debug, Clone, Copy)]
 pub enum Elem {
     F32,
+    F16,
+    I8,
+    I32,
     I64,
 }
 
 impl Elem {
-    fn code(self) -> i32 {
-        match self {
-            Elem::F32 => pb::tensor_proto::DataType::Float as i32,
-            Elem::I64 => pb::tensor_proto::DataType::Int64 as i32,
-        }
+    /// The ONNX `TensorProto.DataType` code (also the `to` attribute of `Cast`).
+    pub fn code(self) -> i32 {
+        use pb::tensor_proto::DataType as T;
+        (match self {
+            Elem::F32 => T::Float,
+            Elem::F16 => T::Float16,
+            Elem::I8 => T::Int8,
+            Elem::I32 => T::Int32,
+            Elem::I64 => T::Int64,
+        }) as i32
     }
 }
 
@@ -132,6 +140,26 @@ impl GraphBuilder {
         self.push_init(name, dims, Elem::F32, raw)
     }
 
+    pub fn init_f16(&mut self, name: &str, dims: &[usize], data: &[half::f16]) -> String {
+        assert_eq!(
+            dims.iter().product::<usize>(),
+            data.len(),
+            "initializer {name}"
+        );
+        let raw = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.push_init(name, dims, Elem::F16, raw)
+    }
+
+    pub fn init_i8(&mut self, name: &str, dims: &[usize], data: &[i8]) -> String {
+        assert_eq!(
+            dims.iter().product::<usize>(),
+            data.len(),
+            "initializer {name}"
+        );
+        let raw = data.iter().map(|&x| x as u8).collect();
+        self.push_init(name, dims, Elem::I8, raw)
+    }
+
     pub fn init_i64(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
         let mut raw = Vec::with_capacity(data.len() * 8);
         for x in data {
@@ -182,6 +210,11 @@ impl GraphBuilder {
     pub fn float_scalar(&mut self, value: f32) -> String {
         let name = format!("c{}", self.graph.initializer.len());
         self.init_f32(&name, &[], &[value])
+    }
+
+    /// `Cast(x, to)`.
+    pub fn cast(&mut self, x: &str, to: Elem) -> String {
+        self.op("Cast", &[x], vec![("to", Attr::Int(to.code() as i64))])
     }
 
     /// Adds a node with one output and returns the output's name.
