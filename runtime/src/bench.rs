@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::generate::{GenerateOptions, Generator, Step, TokenBuf};
-use crate::model::{LoadOptions, Model};
+use crate::model::{LoadOptions, Model, OpProfile};
 use crate::sampler::SamplingOptions;
 
 /// Text the benchmark prompt is cut from (repeated as needed).
@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub runs: usize,
+    /// Also time every operator kind over one prefill and one decode (tract node by node).
+    pub profile: bool,
 }
 
 /// Median, minimum and maximum of one measure.
@@ -66,6 +68,61 @@ pub struct BenchReport {
     pub decode_tokens_per_s: Summary,
     /// Peak resident memory of the process over all runs, in MB.
     pub peak_rss_mb: Option<f64>,
+    /// With `--profile`: where the time goes, per operator kind.
+    pub profile: Option<Profile>,
+}
+
+/// Time per operator kind for one prefill of the prompt and for decoding, per token.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub prefill: Vec<OpTime>,
+    pub decode: Vec<OpTime>,
+    /// Wall time of one prefill (ms) and of one decode step (ms), profiled.
+    pub prefill_ms: f64,
+    pub decode_step_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Milliseconds per prefill, or per decode step.
+    pub ms: f64,
+    /// Evaluations per prefill, or per decode step.
+    pub calls: f64,
+    /// Share of the profiled wall time.
+    pub share: f64,
+}
+
+fn op_times(p: &OpProfile) -> Vec<OpTime> {
+    let runs = p.runs.max(1) as f64;
+    let total = p.total.as_secs_f64();
+    p.sorted()
+        .into_iter()
+        .map(|(op, d, n)| OpTime {
+            op: op.to_string(),
+            ms: d.as_secs_f64() * 1e3 / runs,
+            calls: n as f64 / runs,
+            share: d.as_secs_f64() / total,
+        })
+        .collect()
+}
+
+/// Profiles one prefill of `prompt` (timed per run of all its chunks) and `gen` decode steps.
+fn profile(model: &Model, prompt: &[u32], steps: usize) -> anyhow::Result<Profile> {
+    let mut s = model.session()?;
+    let mut pre = OpProfile::default();
+    s.forward_profiled(prompt, &mut pre)?;
+    pre.runs = 1; // one prefill, whatever its number of chunks
+    let mut dec = OpProfile::default();
+    for i in 0..steps {
+        s.forward_profiled(&prompt[i % prompt.len()..][..1], &mut dec)?;
+    }
+    Ok(Profile {
+        prefill_ms: pre.total.as_secs_f64() * 1e3,
+        decode_step_ms: dec.total.as_secs_f64() * 1e3 / steps as f64,
+        prefill: op_times(&pre),
+        decode: op_times(&dec),
+    })
 }
 
 /// The process's peak resident set size (`VmHWM`), in MB; Linux only.
@@ -84,7 +141,8 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     );
     let (mut load, mut ttft, mut prefill, mut decode) = (vec![], vec![], vec![], vec![]);
     let mut header = None;
-    for _ in 0..opts.runs {
+    let mut prof = None;
+    for run in 0..opts.runs {
         let t0 = Instant::now();
         let model = Model::load(
             dir,
@@ -130,6 +188,9 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         ttft.push(s.time_to_first_token.as_secs_f64() * 1e3);
         prefill.push(s.prefill_tokens_per_s());
         decode.push(s.decode_tokens_per_s());
+        if opts.profile && run + 1 == opts.runs {
+            prof = Some(profile(&model, &prompt, opts.gen_tokens)?);
+        }
     }
     let (model, weights) = header.expect("at least one run");
     Ok(BenchReport {
@@ -144,6 +205,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         prefill_tokens_per_s: Summary::of(prefill),
         decode_tokens_per_s: Summary::of(decode),
         peak_rss_mb: peak_rss_mb(),
+        profile: prof,
     })
 }
 
@@ -166,9 +228,28 @@ impl std::fmt::Display for BenchReport {
         row(f, "prefill", &self.prefill_tokens_per_s, "tokens/s")?;
         row(f, "decode", &self.decode_tokens_per_s, "tokens/s")?;
         match self.peak_rss_mb {
-            Some(mb) => writeln!(f, "  {:<22} {mb:>9.0} MB", "peak RSS"),
-            None => writeln!(f, "  peak RSS               unavailable on this system"),
+            Some(mb) => writeln!(f, "  {:<22} {mb:>9.0} MB", "peak RSS")?,
+            None => writeln!(f, "  peak RSS               unavailable on this system")?,
         }
+        if let Some(p) = &self.profile {
+            for (what, ms, ops) in [
+                ("prefill", p.prefill_ms, &p.prefill),
+                ("decode step", p.decode_step_ms, &p.decode),
+            ] {
+                writeln!(f, "  profile: one {what}, {ms:.2} ms")?;
+                for o in ops.iter().take(12) {
+                    writeln!(
+                        f,
+                        "    {:<28} {:>9.3} ms {:>5.1}% {:>7.0} calls",
+                        o.op,
+                        o.ms,
+                        o.share * 100.0,
+                        o.calls
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
+    /// Also show where the time goes, per operator kind (one extra profiled run)
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Args, Debug)]
@@ -487,6 +490,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         runs: a.runs,
+        profile: a.profile,
     };
     let report = crate::bench::run(&a.model.dir(), &opts)?;
     if a.json {
@@ -546,11 +550,18 @@ fn eval(a: EvalArgs) -> Result<()> {
         r.context,
         r.stride
     );
-    if let (Some(o), Some(p), Some(agree)) = (&other, r.other_perplexity, r.top1_agreement) {
+    if let (Some(o), Some(p), Some(agree), Some(kl)) = (
+        &other,
+        r.other_perplexity,
+        r.top1_agreement,
+        r.kl_divergence,
+    ) {
         println!(
-            "{}: perplexity {p:.3}; top-1 agreement {:.2}%",
+            "{}: perplexity {p:.3}; top-1 agreement {:.2}%; KL({} ‖ {}) {kl:.5} nats/token",
             o.manifest().name,
-            agree * 100.0
+            agree * 100.0,
+            o.manifest().name,
+            model.manifest().name,
         );
     }
     Ok(())

@@ -43,6 +43,9 @@ pub struct EvalReport {
     /// With a second model: its perplexity, and how often both predict the same next token.
     pub other_perplexity: Option<f64>,
     pub top1_agreement: Option<f64>,
+    /// Mean KL(other ‖ this) per scored token (nats): how far this model's next-token
+    /// distribution is from the other's, a finer measure than agreement.
+    pub kl_divergence: Option<f64>,
 }
 
 /// −log softmax(logits)[target], computed stably.
@@ -50,6 +53,23 @@ fn nll(logits: &[f32], target: TokenId) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     max + sum.ln() - logits[target as usize] as f64
+}
+
+/// KL(softmax(p) ‖ softmax(q)) for two logit rows, computed stably in f64.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let lse = |l: &[f32]| {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+    };
+    let (zp, zq) = (lse(p), lse(q));
+    p.iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let lp = a as f64 - zp;
+            lp.exp() * (lp - (b as f64 - zq))
+        })
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// Logits (n, vocab) of every position of `tokens` on a fresh session.
@@ -109,6 +129,7 @@ pub fn evaluate(
     let (mut sa, mut sb) = (model.session()?, other.map(|b| b.session()).transpose()?);
     let (mut la, mut lb) = (Vec::new(), Vec::new());
     let (mut nll_a, mut nll_b, mut agree, mut scored) = (0.0, 0.0, 0usize, 0usize);
+    let mut kl_sum = 0.0;
     let limit = if o.max_tokens == 0 {
         usize::MAX
     } else {
@@ -136,6 +157,7 @@ pub fn evaluate(
                 let b = &lb[row * vocab..(row + 1) * vocab];
                 nll_b += nll(b, target);
                 agree += (argmax(a) == argmax(b)) as usize;
+                kl_sum += kl(b, a);
             }
             scored += 1;
         }
@@ -156,6 +178,7 @@ pub fn evaluate(
         perplexity: (nll_a / n).exp(),
         other_perplexity: other.map(|_| (nll_b / n).exp()),
         top1_agreement: other.map(|_| agree as f64 / n),
+        kl_divergence: other.map(|_| kl_sum / n),
     })
 }
 
@@ -170,5 +193,21 @@ mod tests {
         let peaked = [0.0f32, 50.0, 0.0];
         assert!(nll(&peaked, 1) < 1e-9);
         assert!(nll(&peaked, 0) > 49.0);
+    }
+
+    #[test]
+    fn kl_is_zero_for_equal_rows_and_positive_otherwise() {
+        let a = [1.0f32, 2.0, 3.0];
+        assert!(kl(&a, &a).abs() < 1e-12);
+        // Shifting all logits changes nothing.
+        assert!(kl(&a, &[11.0, 12.0, 13.0]).abs() < 1e-9);
+        let b = [3.0f32, 2.0, 1.0];
+        let expected: f64 = {
+            let z: f64 = a.iter().map(|&x| (x as f64).exp()).sum();
+            let p: Vec<f64> = a.iter().map(|&x| (x as f64).exp() / z).collect();
+            let q: Vec<f64> = b.iter().map(|&x| (x as f64).exp() / z).collect();
+            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum()
+        };
+        assert!((kl(&a, &b) - expected).abs() < 1e-9);
     }
 }

@@ -160,6 +160,29 @@ fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<P
     model.into_runnable_with_options(&options)
 }
 
+/// Time spent per operator kind over profiled runs ([`Session::forward_profiled`]).
+#[derive(Debug, Default, Clone)]
+pub struct OpProfile {
+    /// Operator name → (time, evaluations).
+    pub by_op: std::collections::BTreeMap<String, (Duration, u64)>,
+    /// Wall time of the profiled runs, including tract's own bookkeeping between nodes.
+    pub total: Duration,
+    pub runs: u64,
+}
+
+impl OpProfile {
+    /// Operator kinds by decreasing time.
+    pub fn sorted(&self) -> Vec<(&str, Duration, u64)> {
+        let mut v: Vec<_> = self
+            .by_op
+            .iter()
+            .map(|(k, &(d, n))| (k.as_str(), d, n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+}
+
 /// One sequence being decoded: tract's state holds its KV cache.
 pub struct Session {
     plan: Arc<Plan>,
@@ -218,6 +241,15 @@ impl Session {
 
     /// Runs one chunk, returns the (1, n, vocab) logits tensor.
     fn run_chunk(&mut self, tokens: &[TokenId]) -> Result<TValue, GenerateError> {
+        self.run_chunk_profiled(tokens, None)
+    }
+
+    /// [`Session::run_chunk`], timing every node into `profile` when there is one.
+    fn run_chunk_profiled(
+        &mut self,
+        tokens: &[TokenId],
+        profile: Option<&mut OpProfile>,
+    ) -> Result<TValue, GenerateError> {
         let input: TValue = if tokens.len() == 1 {
             // Steady-state decode: rewrite the reused (1, 1) tensor instead of allocating one.
             match Arc::get_mut(&mut self.one_token) {
@@ -234,9 +266,41 @@ impl Session {
             let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
             Tensor::from_shape(&[1, tokens.len()], &ids)?.into_tvalue()
         };
-        let mut out = self.state.run(tvec![input])?;
+        let mut out = match profile {
+            None => self.state.run(tvec![input])?,
+            Some(p) => {
+                let t0 = Instant::now();
+                let out = self
+                    .state
+                    .run_plan_with_eval(tvec![input], |ctx, state, node, inputs| {
+                        let t = Instant::now();
+                        let r = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                        let e = p.by_op.entry(node.op.name().to_string()).or_default();
+                        e.0 += t.elapsed();
+                        e.1 += 1;
+                        r
+                    })?;
+                p.total += t0.elapsed();
+                p.runs += 1;
+                out
+            }
+        };
         self.len += tokens.len();
         Ok(out.remove(0))
+    }
+
+    /// Feeds tokens in chunks like [`Session::forward_last`], timing every operator into
+    /// `profile` (node by node, so a little slower than an unprofiled run).
+    pub fn forward_profiled(
+        &mut self,
+        tokens: &[TokenId],
+        profile: &mut OpProfile,
+    ) -> Result<(), GenerateError> {
+        self.check_room(tokens.len())?;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            self.run_chunk_profiled(chunk, Some(profile))?;
+        }
+        Ok(())
     }
 
     /// Feeds tokens (in chunks) and returns the logits of the last one, (vocab).

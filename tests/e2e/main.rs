@@ -10,6 +10,7 @@ mod gguf_types;
 mod golden;
 mod onnxruntime;
 mod parity;
+mod quant;
 mod support;
 mod tokenizer;
 

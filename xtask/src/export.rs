@@ -35,6 +35,7 @@ use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
 use crate::gguf::Gguf;
 use crate::llama::{LlamaWeights, Matrix};
 use crate::onnx::{Attr, Dim, Elem, GraphBuilder};
+use crate::calibrate::Hessians;
 use crate::quant::{self, KronOrthogonal, Rotation};
 use crate::tokenizer_export;
 
@@ -86,6 +87,9 @@ pub struct QuantOptions {
     /// Study aid: quantize the weights only (the graph dequantizes them and multiplies in
     /// float32), to separate weight error from activation error. Not a deployable bundle.
     pub weights_only: bool,
+    /// int8 only: round the weights with GPTQ against Hessians measured on this many windows
+    /// of 512 tokens of the training text ([`crate::calibrate`]); `None` = calibration-free.
+    pub calibrate: Option<usize>,
 }
 
 impl QuantOptions {
@@ -104,6 +108,7 @@ impl QuantOptions {
             },
             keep_float: Vec::new(),
             weights_only: false,
+            calibrate: None,
         }
     }
 }
@@ -144,7 +149,33 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
 
     let ffn_rotation = quant::rotate(&mut weights, opts.quant.rotation, ROTATION_SEED)?;
-    let (model, weights_data) = build_graph(&weights, &opts.quant, ffn_rotation.as_ref());
+    let hessians = match opts.quant.calibrate {
+        Some(windows) if opts.quant.format == WeightFormat::Int8 => {
+            let text = std::fs::read_to_string(crate::text::shakespeare()?.train)?;
+            let tok = quill::Tokenizer::from_json(&tokenizer.json).map_err(anyhow::Error::msg)?;
+            let ids = tok.encode(&text, false);
+            let work = tmp.join("calibration");
+            let h = crate::calibrate::collect(
+                &weights,
+                ffn_rotation.as_ref(),
+                &ids,
+                CALIBRATION_WINDOW,
+                windows,
+                &work,
+            )?;
+            fs::remove_dir_all(&work)?;
+            Some(h)
+        }
+        Some(_) => anyhow::bail!("--calibrate applies to --quant int8 only"),
+        None => None,
+    };
+    let (model, weights_data, _) = build_graph_with(
+        &weights,
+        &opts.quant,
+        ffn_rotation.as_ref(),
+        hessians.as_ref(),
+        false,
+    );
     let mut files = Vec::new();
     for (name, bytes) in [
         (bundle::GRAPH_FILE, model.encode_to_vec()),
@@ -213,6 +244,9 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Tokens per calibration window.
+pub const CALIBRATION_WINDOW: usize = 512;
+
 /// Seed of the random signs of the residual-stream rotation (fixed: exports are reproducible).
 const ROTATION_SEED: u64 = 0x7175_696c_6c;
 
@@ -238,6 +272,11 @@ pub fn rope_tables(context: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Ve
 struct Ctx<'a> {
     b: GraphBuilder,
     quant: &'a QuantOptions,
+    /// GPTQ Hessians by linear name (int8 with `--calibrate`).
+    hessians: Option<&'a Hessians>,
+    /// Calibration export: one `xᵀ·x` output per distinct linear input, and for each the
+    /// names of the linears reading it and its width.
+    capture: Option<Vec<(String, Vec<String>, usize)>>,
     /// Per-token int8 quantization already wired for a value: (int8 values, scale (1, S, 1)).
     quantized: HashMap<String, (String, String)>,
 }
@@ -253,6 +292,12 @@ impl Ctx<'_> {
 
     /// `x (…, in) · Wᵀ` for a PyTorch-layout weight `(out, in)`; `kind` is its role.
     fn linear(&mut self, x: &str, name: &str, kind: &str, w: &Matrix) -> String {
+        if let Some(cap) = &mut self.capture {
+            match cap.iter_mut().find(|(v, _, _)| v == x) {
+                Some((_, names, _)) => names.push(name.to_string()),
+                None => cap.push((x.to_string(), vec![name.to_string()], w.cols)),
+            }
+        }
         match self.format_of(kind) {
             WeightFormat::F32 => {
                 let wt = w.transposed(); // (in, out)
@@ -269,7 +314,10 @@ impl Ctx<'_> {
                 self.b.cast(&y, Elem::F32)
             }
             WeightFormat::Int8 => {
-                let q = quant::quantize_rows(w);
+                let q = match self.hessians.and_then(|h| h.get(name)) {
+                    Some(h) => crate::calibrate::gptq(w, h).expect("GPTQ on a damped Hessian"),
+                    None => quant::quantize_rows(w),
+                };
                 let wq = self.b.init_i8(name, &[q.cols, q.rows], &q.q_transposed()); // (in, out)
                 let ws = self
                     .b
@@ -416,12 +464,30 @@ pub fn build_graph(
     quant: &QuantOptions,
     ffn_rotation: Option<&KronOrthogonal>,
 ) -> (tract_onnx::pb::ModelProto, Vec<u8>) {
+    let (model, data, _) = build_graph_with(w, quant, ffn_rotation, None, false);
+    (model, data)
+}
+
+/// A calibration capture: for each distinct linear input, the linears reading it and its width.
+pub type Capture = Vec<(Vec<String>, usize)>;
+
+/// [`build_graph`] with GPTQ Hessians, or (`capture`) with an extra `(K, K)` output `xᵀ·x` per
+/// distinct linear input after the usual outputs, listed in the returned [`Capture`].
+pub fn build_graph_with(
+    w: &LlamaWeights,
+    quant: &QuantOptions,
+    ffn_rotation: Option<&KronOrthogonal>,
+    hessians: Option<&Hessians>,
+    capture: bool,
+) -> (tract_onnx::pb::ModelProto, Vec<u8>, Capture) {
     let c = &w.config;
     let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
     let mut cx = Ctx {
         b: GraphBuilder::new("quill-decoder").with_external_data(bundle::WEIGHTS_FILE),
         quant,
         quantized: HashMap::new(),
+        hessians,
+        capture: capture.then(Vec::new),
     };
 
     let ids = cx.b.input(
@@ -533,8 +599,19 @@ pub fn build_graph(
         cx.b.output(&bundle::present_key(l), Elem::F32);
         cx.b.output(&bundle::present_value(l), Elem::F32);
     }
+    let mut captured = Capture::new();
+    for (i, (x, names, k)) in cx.capture.take().unwrap_or_default().into_iter().enumerate() {
+        let b = &mut cx.b;
+        let flat = b.ints(&[-1, k as i64]);
+        let x2 = b.op("Reshape", &[&x, &flat], vec![]); // (S, K)
+        let xt = b.op("Transpose", &[&x2], vec![("perm", Attr::Ints(vec![1, 0]))]);
+        let out = format!("hessian.{i}");
+        b.op_named("MatMul", &[&xt, &x2], vec![], &out); // (K, K)
+        b.output(&out, Elem::F32);
+        captured.push((names, k));
+    }
     let (_, data) = cx.b.take_external_data().expect("built with external data");
-    (cx.b.into_model("quill-xtask"), data)
+    (cx.b.into_model("quill-xtask"), data, captured)
 }
 
 /// The default bundle directory for a name: `models/bundles/<name>` in the workspace.

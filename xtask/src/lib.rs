@@ -2,6 +2,7 @@
 //! and an independent float reference forward pass (used by the tests to check the exported
 //! graph).
 
+pub mod calibrate;
 pub mod export;
 pub mod fetch;
 pub mod gguf;

@@ -49,6 +49,10 @@ enum Cmd {
         /// Study aid: quantize weights only, multiply in float32 (not a deployable bundle)
         #[arg(long)]
         weights_only: bool,
+        /// int8: round weights with GPTQ, calibrated on this many 512-token windows of the
+        /// training text (not the held-out text) [default: calibration-free]
+        #[arg(long, value_name = "WINDOWS")]
+        calibrate: Option<usize>,
     },
 }
 
@@ -70,6 +74,7 @@ fn main() -> Result<()> {
             rotate,
             keep_float,
             weights_only,
+            calibrate,
         } => {
             let mut q = QuantOptions::new(quant);
             if let Some(r) = rotate {
@@ -84,6 +89,7 @@ fn main() -> Result<()> {
             }
             q.keep_float = keep_float;
             q.weights_only = weights_only;
+            q.calibrate = calibrate;
             let name = name.unwrap_or_else(|| export::default_name(quant));
             let teacher = match teacher {
                 Some(t) => t,

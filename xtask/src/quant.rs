@@ -216,36 +216,58 @@ impl KronOrthogonal {
         }
     }
 
-    /// Contracts each axis of `x` seen as a tensor `(n₀, n₁, …)` with its factor.
+    /// Contracts each axis of `x` seen as a tensor `(n₀, n₁, …)` with its factor; power-of-two
+    /// factors (Sylvester, symmetric) use the fast Walsh–Hadamard butterfly.
     fn apply_factors(&self, x: &mut [f32], transpose: bool) {
         let n = x.len();
         assert_eq!(n, self.order());
-        let mut tmp = vec![0f64; n];
+        let mut tmp = vec![0f32; n];
         let mut inner = n;
         for f in &self.factors {
             let k = f.rows;
             inner /= k;
             let outer = n / (inner * k);
+            if k.is_power_of_two() {
+                let norm = 1.0 / (k as f32).sqrt();
+                for o in 0..outer {
+                    for i in 0..inner {
+                        let at = |a: usize| o * k * inner + a * inner + i;
+                        let mut h = 1;
+                        while h < k {
+                            for base in (0..k).step_by(2 * h) {
+                                for a in base..base + h {
+                                    let (u, v) = (x[at(a)], x[at(a + h)]);
+                                    x[at(a)] = u + v;
+                                    x[at(a + h)] = u - v;
+                                }
+                            }
+                            h *= 2;
+                        }
+                        for a in 0..k {
+                            x[at(a)] *= norm;
+                        }
+                    }
+                }
+                continue;
+            }
             for o in 0..outer {
                 for i in 0..inner {
                     let at = |a: usize| o * k * inner + a * inner + i;
                     for b in 0..k {
-                        let mut acc = 0f64;
+                        let mut acc = 0f32;
                         for a in 0..k {
                             let fab = if transpose {
                                 f.data[b * k + a]
                             } else {
                                 f.data[a * k + b]
                             };
-                            acc += x[at(a)] as f64 * fab as f64;
+                            acc += x[at(a)] * fab;
                         }
                         tmp[at(b)] = acc;
                     }
                 }
             }
-            for (d, &s) in x.iter_mut().zip(&tmp) {
-                *d = s as f32;
-            }
+            x.copy_from_slice(&tmp);
         }
     }
 
