@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Also time every operator kind over one prefill and one decode (tract node by node).
     pub profile: bool,
+    /// Use quill's int8 kernel where the CPU has it (see [`LoadOptions::quill_kernels`]).
+    pub quill_kernels: bool,
 }
 
 /// Median, minimum and maximum of one measure.
@@ -149,6 +151,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             &LoadOptions {
                 threads: opts.threads,
                 verify: true,
+                quill_kernels: opts.quill_kernels,
             },
         )?;
         load.push(t0.elapsed().as_secs_f64());

@@ -109,6 +109,9 @@ pub struct ModelArgs {
     /// Threads for tract's matrix products
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Leave int8 matrix products to tract's kernels instead of quill's (for comparisons)
+    #[arg(long)]
+    pub tract_kernels: bool,
 }
 
 impl ModelArgs {
@@ -126,6 +129,7 @@ impl ModelArgs {
             &LoadOptions {
                 threads: self.threads,
                 verify: true,
+                quill_kernels: !self.tract_kernels,
             },
         )?)
     }
@@ -491,6 +495,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         gen_tokens: a.gen_tokens,
         runs: a.runs,
         profile: a.profile,
+        quill_kernels: !a.model.tract_kernels,
     };
     let report = crate::bench::run(&a.model.dir(), &opts)?;
     if a.json {
@@ -517,6 +522,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             &LoadOptions {
                 threads: a.model.threads,
                 verify: true,
+                quill_kernels: !a.model.tract_kernels,
             },
         )?),
         None => None,

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod sampler;
 pub mod stop;

@@ -37,6 +37,9 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Check every file's CRC-32 before loading (about 0.1 s per GB).
     pub verify: bool,
+    /// Run int8 matrix products in quill's own kernel where the CPU has one
+    /// ([`crate::kernels`]); `false` leaves every operator to tract.
+    pub quill_kernels: bool,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +47,7 @@ impl Default for LoadOptions {
         LoadOptions {
             threads: 1,
             verify: true,
+            quill_kernels: true,
         }
     }
 }
@@ -56,6 +60,8 @@ pub struct Model {
     plan: Arc<Plan>,
     /// Time spent parsing and optimizing the graph.
     pub load_time: Duration,
+    /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
+    pub quill_kernel_ops: usize,
 }
 
 /// The part of a model a generator needs: one step of the decoder.
@@ -101,7 +107,7 @@ impl Model {
             });
         }
         let graph = bundle.path(bundle::GRAPH_FILE);
-        let plan = build_plan(&graph, m, opts.threads).map_err(|e| BundleError::BadGraph {
+        let (plan, quill_kernel_ops) = build_plan(&graph, m, opts).map_err(|e| BundleError::BadGraph {
             path: graph.clone(),
             reason: format!("{e:#}"),
         })?;
@@ -110,6 +116,7 @@ impl Model {
             tokenizer,
             plan,
             load_time: t0.elapsed(),
+            quill_kernel_ops,
         })
     }
 
@@ -128,7 +135,8 @@ impl Model {
     }
 }
 
-fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<Plan>> {
+fn build_plan(path: &Path, m: &Manifest, opts: &LoadOptions) -> anyhow::Result<(Arc<Plan>, usize)> {
+    let threads = opts.threads;
     let mut model = tract_onnx::onnx()
         .model_for_path(path)
         .context("parsing the ONNX graph")?
@@ -152,12 +160,17 @@ fn build_plan(path: &Path, m: &Manifest, threads: usize) -> anyhow::Result<Arc<P
         model.inputs.len(),
         model.outputs.len()
     );
+    let quill_kernel_ops = if opts.quill_kernels {
+        crate::kernels::use_int8_kernels(&mut model).context("installing quill's int8 kernel")?
+    } else {
+        0
+    };
     let model = model.into_optimized().context("optimizing the graph")?;
     let options = RunOptions {
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()
     };
-    model.into_runnable_with_options(&options)
+    Ok((model.into_runnable_with_options(&options)?, quill_kernel_ops))
 }
 
 /// Time spent per operator kind over profiled runs ([`Session::forward_profiled`]).

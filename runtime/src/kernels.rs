@@ -1,0 +1,340 @@
+//! quill's own int8 matrix kernel, applied to tract's model after loading.
+//!
+//! tract-linalg 0.23.9 multiplies int8 matrices on x86-64 only in 16×16 (AVX-512 VNNI) or 8×8
+//! (AVX2) tiles. Decoding multiplies each weight matrix by a single activation row, so a tile
+//! computes 16 columns to keep one, and int8 decode ends up compute-bound instead of reading
+//! the weights at memory speed. [`Int8Linear`] replaces each int8 × int8 → int32 `EinSum` of the
+//! decoder (`amk,kn->amn`, the form tract gives an ONNX `MatMulInteger` with a constant weight)
+//! by a matrix-vector kernel that streams the weights once per group of up to
+//! [`TOKENS_PER_PASS`] tokens. The ONNX file is untouched (it still runs in onnxruntime); the
+//! rewrite happens in memory, before tract optimizes the rest of the graph.
+//!
+//! Weight layout, `(n/16, k/4, 16, 4)` i8: for each block of 16 output channels and each group
+//! of 4 inputs, the 16 channels' 4 weights are 64 contiguous bytes — one AVX-512 register, which
+//! `vpdpbusd` multiplies by the same 4 activations broadcast to every lane and accumulates into
+//! 16 int32 sums, one per channel. `vpdpbusd` takes unsigned activations, so they are fed as
+//! `x + 128` (a XOR with 0x80) and `128 · Σₖ w` is subtracted per channel at the end.
+//!
+//! The kernel runs where the CPU has AVX-512 VNNI (checked at run time); elsewhere the graph is
+//! left to tract (whose aarch64 int8 kernels include a 64×1 matrix-vector one).
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Tokens multiplied per pass over the weights in prefill.
+pub const TOKENS_PER_PASS: usize = 4;
+
+/// `y (…, m, n) i32 = x (…, m, k) i8 · W (k, n) i8`, W constant and pre-packed.
+#[derive(Debug, Clone)]
+pub struct Int8Linear {
+    k: usize,
+    n: usize,
+    /// `(n/16, k/4, 16, 4)`, see the module docs.
+    packed: Arc<Vec<i8>>,
+    /// `128 · Σₖ W[k][j]` per output channel j.
+    offset: Arc<Vec<i32>>,
+}
+
+impl std::hash::Hash for Int8Linear {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.k, self.n, Arc::as_ptr(&self.packed) as usize).hash(state)
+    }
+}
+
+impl PartialEq for Int8Linear {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.packed, &other.packed)
+    }
+}
+impl Eq for Int8Linear {}
+
+impl Int8Linear {
+    /// Packs `w (k, n)` row-major; `None` if the shape does not fit the kernel's blocks.
+    pub fn new(w: &[i8], k: usize, n: usize) -> Option<Int8Linear> {
+        if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) || w.len() != k * n
+        {
+            return None;
+        }
+        let mut packed = vec![0i8; k * n];
+        let mut i = 0;
+        for block in 0..n / 16 {
+            for group in 0..k / 4 {
+                for lane in 0..16 {
+                    for kk in 0..4 {
+                        packed[i] = w[(group * 4 + kk) * n + block * 16 + lane];
+                        i += 1;
+                    }
+                }
+            }
+        }
+        let offset = (0..n)
+            .map(|j| 128 * (0..k).map(|kk| w[kk * n + j] as i32).sum::<i32>())
+            .collect();
+        Some(Int8Linear {
+            k,
+            n,
+            packed: Arc::new(packed),
+            offset: Arc::new(offset),
+        })
+    }
+
+    /// `out (m, n) = x (m, k) · W`, with the best kernel this CPU has.
+    pub fn run(&self, x: &[i8], out: &mut [i32]) {
+        let m = x.len() / self.k;
+        assert_eq!(x.len(), m * self.k);
+        assert_eq!(out.len(), m * self.n);
+        #[cfg(target_arch = "x86_64")]
+        if vnni_available() {
+            // SAFETY: the CPU has the features the function is compiled for (checked above),
+            // and the slices have the sizes asserted above.
+            unsafe { self.run_vnni(x, out) };
+            return;
+        }
+        self.run_portable(x, out);
+    }
+
+    /// Plain Rust, on the same packed layout (any CPU; also the tests' reference).
+    pub fn run_portable(&self, x: &[i8], out: &mut [i32]) {
+        let (k, n) = (self.k, self.n);
+        for (xr, yr) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for block in 0..n / 16 {
+                let mut acc = [0i32; 16];
+                for group in 0..k / 4 {
+                    let w = &self.packed[(block * (k / 4) + group) * 64..][..64];
+                    for (lane, a) in acc.iter_mut().enumerate() {
+                        for kk in 0..4 {
+                            *a += xr[group * 4 + kk] as i32 * w[lane * 4 + kk] as i32;
+                        }
+                    }
+                }
+                yr[block * 16..][..16].copy_from_slice(&acc);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_vnni(&self, x: &[i8], out: &mut [i32]) {
+        let m = x.len() / self.k;
+        let mut t = 0;
+        while t < m {
+            let rows = (m - t).min(TOKENS_PER_PASS);
+            let xs = &x[t * self.k..(t + rows) * self.k];
+            let ys = &mut out[t * self.n..(t + rows) * self.n];
+            // SAFETY: same features as this function; `xs`/`ys` hold `rows` rows.
+            unsafe {
+                match rows {
+                    1 => self.pass_vnni::<1>(xs, ys),
+                    2 => self.pass_vnni::<2>(xs, ys),
+                    3 => self.pass_vnni::<3>(xs, ys),
+                    _ => self.pass_vnni::<4>(xs, ys),
+                }
+            }
+            t += rows;
+        }
+    }
+
+    /// `T` tokens × all output channels, two blocks of 16 channels at a time (two independent
+    /// accumulator chains per token hide `vpdpbusd`'s latency).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn pass_vnni<const T: usize>(&self, x: &[i8], out: &mut [i32]) {
+        use std::arch::x86_64::*;
+        let (k, n) = (self.k, self.n);
+        let groups = k / 4;
+        let w = self.packed.as_ptr();
+        for pair in 0..n / 32 {
+            let mut acc0 = [_mm512_setzero_si512(); T];
+            let mut acc1 = [_mm512_setzero_si512(); T];
+            // SAFETY: blocks 2·pair and 2·pair+1 exist (n is a multiple of 32), each holds
+            // `groups` 64-byte rows; every x row has k = 4·groups bytes.
+            unsafe {
+                let w0 = w.add(2 * pair * groups * 64);
+                let w1 = w0.add(groups * 64);
+                for g in 0..groups {
+                    let a = _mm512_loadu_si512(w0.add(g * 64) as *const _);
+                    let b = _mm512_loadu_si512(w1.add(g * 64) as *const _);
+                    for tt in 0..T {
+                        let xp = x.as_ptr().add(tt * k + g * 4) as *const i32;
+                        let xv = _mm512_set1_epi32(xp.read_unaligned() ^ 0x8080_8080u32 as i32);
+                        acc0[tt] = _mm512_dpbusd_epi32(acc0[tt], xv, a);
+                        acc1[tt] = _mm512_dpbusd_epi32(acc1[tt], xv, b);
+                    }
+                }
+                let off0 = _mm512_loadu_si512(self.offset.as_ptr().add(pair * 32) as *const _);
+                let off1 = _mm512_loadu_si512(self.offset.as_ptr().add(pair * 32 + 16) as *const _);
+                for tt in 0..T {
+                    let y = out.as_mut_ptr().add(tt * n + pair * 32);
+                    _mm512_storeu_si512(y as *mut _, _mm512_sub_epi32(acc0[tt], off0));
+                    _mm512_storeu_si512(y.add(16) as *mut _, _mm512_sub_epi32(acc1[tt], off1));
+                }
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs [`Int8Linear`]'s AVX-512 VNNI kernel.
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Op for Int8Linear {
+    fn name(&self) -> StaticName {
+        "QuillInt8Linear".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("k={} n={}", self.k, self.n)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let mut shape: TVec<usize> = x.shape().into();
+        let rank = shape.len();
+        ensure!(shape[rank - 1] == self.k, "input width {} for k={}", shape[rank - 1], self.k);
+        shape[rank - 1] = self.n;
+        let x = x.try_as_plain_ram()?.as_slice::<i8>()?;
+        let mut y = Tensor::zero::<i32>(&shape)?;
+        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?);
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Int8Linear {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
+        let rank = shape.len();
+        shape[rank - 1] = self.n.into();
+        Ok(tvec!(i32::fact(&shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every int8 `EinSum` `amk,kn->amn` with a constant weight and no zero points or
+/// scales by an [`Int8Linear`]; returns how many. Does nothing without AVX-512 VNNI.
+pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
+    if !vnni_available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(e) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        if e.q_params != Some(DatumType::I32) || e.axes.to_string() != "amk,kn,,,,,,,->amn" {
+            continue;
+        }
+        let facts: TVec<TypedFact> = model
+            .node_input_facts(id)?
+            .into_iter()
+            .cloned()
+            .collect();
+        if facts[0].datum_type != DatumType::I8 || facts.len() != 9 {
+            continue;
+        }
+        let Some(w) = facts[1].konst.clone() else {
+            continue;
+        };
+        // Zero points (inputs 2, 3, 5, 7: bias, a0, b0, c0) must be 0 and scales (4, 6, 8) 1.
+        let trivial = |i: usize, one: bool| {
+            facts[i].konst.as_ref().is_some_and(|t| {
+                t.len() == 1
+                    && t.cast_to_scalar::<f32>()
+                        .is_ok_and(|v| v == if one { 1.0 } else { 0.0 })
+            })
+        };
+        if !(trivial(2, false)
+            && trivial(3, false)
+            && trivial(5, false)
+            && trivial(7, false)
+            && trivial(4, true)
+            && trivial(6, true)
+            && trivial(8, true))
+        {
+            continue;
+        }
+        if w.datum_type() != DatumType::I8 || w.rank() != 2 {
+            continue;
+        }
+        let (k, n) = (w.shape()[0], w.shape()[1]);
+        let data = w.try_as_plain_ram()?.as_slice::<i8>()?;
+        let Some(op) = Int8Linear::new(data, k, n) else {
+            continue;
+        };
+        let input = node.inputs[0];
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, input)?;
+        let y = patch.wire_node(name, op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    model.prop_consts()?;
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[i8], w: &[i8], k: usize, n: usize) -> Vec<i32> {
+        let m = x.len() / k;
+        let mut y = vec![0i32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                y[r * n + j] = (0..k).map(|kk| x[r * k + kk] as i32 * w[kk * n + j] as i32).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn kernels_match_a_naive_product_including_extremes() {
+        let (k, n) = (72, 64);
+        let mut s = 12345u32;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as i8
+        };
+        let mut w: Vec<i8> = (0..k * n).map(|_| rnd()).collect();
+        w[0] = -128;
+        w[1] = 127;
+        let op = Int8Linear::new(&w, k, n).unwrap();
+        for m in [1, 2, 3, 4, 5, 9] {
+            let mut x: Vec<i8> = (0..m * k).map(|_| rnd()).collect();
+            x[0] = -128;
+            x[1] = 127;
+            let expected = naive(&x, &w, k, n);
+            let mut y = vec![0i32; m * n];
+            op.run_portable(&x, &mut y);
+            assert_eq!(y, expected, "portable, {m} rows");
+            let mut y = vec![0i32; m * n];
+            op.run(&x, &mut y); // the SIMD kernel where the CPU has it
+            assert_eq!(y, expected, "best kernel, {m} rows");
+        }
+        assert!(Int8Linear::new(&w[..k * 48], k, 48).is_none(), "n not a multiple of 32");
+    }
+}
