@@ -54,8 +54,7 @@ impl Eq for Int8Linear {}
 impl Int8Linear {
     /// Packs `w (k, n)` row-major; `None` if the shape does not fit the kernel's blocks.
     pub fn new(w: &[i8], k: usize, n: usize) -> Option<Int8Linear> {
-        if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) || w.len() != k * n
-        {
+        if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) || w.len() != k * n {
             return None;
         }
         let mut packed = vec![0i8; k * n];
@@ -79,6 +78,16 @@ impl Int8Linear {
             packed: Arc::new(packed),
             offset: Arc::new(offset),
         })
+    }
+
+    /// Inputs per output channel.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
     }
 
     /// `out (m, n) = x (m, k) · W`, with the best kernel this CPU has.
@@ -209,7 +218,12 @@ impl EvalOp for Int8Linear {
         let x = args_1!(inputs);
         let mut shape: TVec<usize> = x.shape().into();
         let rank = shape.len();
-        ensure!(shape[rank - 1] == self.k, "input width {} for k={}", shape[rank - 1], self.k);
+        ensure!(
+            shape[rank - 1] == self.k,
+            "input width {} for k={}",
+            shape[rank - 1],
+            self.k
+        );
         shape[rank - 1] = self.n;
         let x = x.try_as_plain_ram()?.as_slice::<i8>()?;
         let mut y = Tensor::zero::<i32>(&shape)?;
@@ -244,11 +258,7 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
         if e.q_params != Some(DatumType::I32) || e.axes.to_string() != "amk,kn,,,,,,,->amn" {
             continue;
         }
-        let facts: TVec<TypedFact> = model
-            .node_input_facts(id)?
-            .into_iter()
-            .cloned()
-            .collect();
+        let facts: TVec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
         if facts[0].datum_type != DatumType::I8 || facts.len() != 9 {
             continue;
         }
@@ -303,7 +313,9 @@ mod tests {
         let mut y = vec![0i32; m * n];
         for r in 0..m {
             for j in 0..n {
-                y[r * n + j] = (0..k).map(|kk| x[r * k + kk] as i32 * w[kk * n + j] as i32).sum();
+                y[r * n + j] = (0..k)
+                    .map(|kk| x[r * k + kk] as i32 * w[kk * n + j] as i32)
+                    .sum();
             }
         }
         y
@@ -335,6 +347,9 @@ mod tests {
             op.run(&x, &mut y); // the SIMD kernel where the CPU has it
             assert_eq!(y, expected, "best kernel, {m} rows");
         }
-        assert!(Int8Linear::new(&w[..k * 48], k, 48).is_none(), "n not a multiple of 32");
+        assert!(
+            Int8Linear::new(&w[..k * 48], k, 48).is_none(),
+            "n not a multiple of 32"
+        );
     }
 }

@@ -107,10 +107,11 @@ impl Model {
             });
         }
         let graph = bundle.path(bundle::GRAPH_FILE);
-        let (plan, quill_kernel_ops) = build_plan(&graph, m, opts).map_err(|e| BundleError::BadGraph {
-            path: graph.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let (plan, quill_kernel_ops) =
+            build_plan(&graph, m, opts).map_err(|e| BundleError::BadGraph {
+                path: graph.clone(),
+                reason: format!("{e:#}"),
+            })?;
         Ok(Model {
             bundle,
             tokenizer,
@@ -170,7 +171,10 @@ fn build_plan(path: &Path, m: &Manifest, opts: &LoadOptions) -> anyhow::Result<(
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()
     };
-    Ok((model.into_runnable_with_options(&options)?, quill_kernel_ops))
+    Ok((
+        model.into_runnable_with_options(&options)?,
+        quill_kernel_ops,
+    ))
 }
 
 /// Time spent per operator kind over profiled runs ([`Session::forward_profiled`]).
@@ -283,16 +287,16 @@ impl Session {
             None => self.state.run(tvec![input])?,
             Some(p) => {
                 let t0 = Instant::now();
-                let out = self
-                    .state
-                    .run_plan_with_eval(tvec![input], |ctx, state, node, inputs| {
-                        let t = Instant::now();
-                        let r = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                        let e = p.by_op.entry(node.op.name().to_string()).or_default();
-                        e.0 += t.elapsed();
-                        e.1 += 1;
-                        r
-                    })?;
+                let out =
+                    self.state
+                        .run_plan_with_eval(tvec![input], |ctx, state, node, inputs| {
+                            let t = Instant::now();
+                            let r = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                            let e = p.by_op.entry(node.op.name().to_string()).or_default();
+                            e.0 += t.elapsed();
+                            e.1 += 1;
+                            r
+                        })?;
                 p.total += t0.elapsed();
                 p.runs += 1;
                 out

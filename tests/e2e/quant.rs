@@ -45,6 +45,11 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
     let model = m.typed_model();
     let (mut int8_weights, mut int8_bytes) = (0, 0);
     for node in model.nodes() {
+        if let Some(q) = node.op_as::<quill::kernels::Int8Linear>() {
+            int8_weights += 1;
+            int8_bytes += q.k() * q.n();
+            continue;
+        }
         let Some(mm) = node.op_as::<OptMatMul>() else {
             continue;
         };
@@ -73,8 +78,14 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
             }
         }
     }
-    // Seven linears per block, plus the lm_head.
+    // Seven linears per block, plus the lm_head: in quill's kernel where the CPU has it.
     assert_eq!(int8_weights, 7 * cfg.n_layers + 1);
+    let expected_quill = if quill::kernels::vnni_available() {
+        int8_weights
+    } else {
+        0
+    };
+    assert_eq!(m.quill_kernel_ops, expected_quill);
     let linear_params = cfg.n_params - cfg.vocab_size * cfg.d_model; // all but the embedding
     assert!(
         int8_bytes as f64 > 0.95 * linear_params as f64,
@@ -103,6 +114,55 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
 }
 
 #[test]
+fn quill_int8_kernel_and_tract_compute_the_same_logits() {
+    use quill::{LoadOptions, Model};
+    let quill_k = quant_model(WeightFormat::Int8);
+    let dir = crate::support::quant_bundle_dir(WeightFormat::Int8);
+    let tract_k = Model::load(
+        dir,
+        &LoadOptions {
+            quill_kernels: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(tract_k.quill_kernel_ops, 0);
+    let ids = quill_k
+        .tokenizer
+        .encode("Shall I compare thee to a summer's day?", false);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    quill_k
+        .session()
+        .unwrap()
+        .forward_all(&ids, &mut a)
+        .unwrap();
+    tract_k
+        .session()
+        .unwrap()
+        .forward_all(&ids, &mut b)
+        .unwrap();
+    // Both accumulate int8 products exactly in int32; only float epilogues may differ.
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("quill vs tract int8 kernels: max |logit diff| {max_diff:.2e}");
+    assert!(max_diff < 1e-3, "max |diff| {max_diff}");
+    // And token by token (the matrix-vector path).
+    let (mut sq, mut st) = (quill_k.session().unwrap(), tract_k.session().unwrap());
+    for (i, &t) in ids.iter().enumerate() {
+        let q = sq.forward_last(&[t]).unwrap().to_vec();
+        let d = q
+            .iter()
+            .zip(st.forward_last(&[t]).unwrap())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-3, "position {i}: max |diff| {d}");
+    }
+}
+
+#[test]
 fn rotations_leave_the_float_model_unchanged() {
     use xtask::export::{ExportOptions, QuantOptions};
     use xtask::quant::Rotation;
@@ -118,11 +178,21 @@ fn rotations_leave_the_float_model_unchanged() {
     .unwrap();
     let rotated = quill::Model::load(&dir, &quill::LoadOptions::default()).unwrap();
     let plain = model();
-    let ids = plain.tokenizer.encode("The quick brown fox jumps over the lazy dog.", false);
+    let ids = plain
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog.", false);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     plain.session().unwrap().forward_all(&ids, &mut a).unwrap();
-    rotated.session().unwrap().forward_all(&ids, &mut b).unwrap();
-    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    rotated
+        .session()
+        .unwrap()
+        .forward_all(&ids, &mut b)
+        .unwrap();
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
     eprintln!("rotated vs plain float32 logits: max |diff| {max_diff:.2e} (|logit| ≤ {range:.1})");
     assert!(max_diff < 2e-3 * range, "max |diff| {max_diff}");

@@ -29,6 +29,19 @@ pub struct Hessian {
     pub n: usize,
     pub h: Vec<f64>,
     pub tokens: usize,
+    /// GPTQ's factor of the inverse, once computed.
+    u: std::sync::OnceLock<Vec<f64>>,
+}
+
+impl Hessian {
+    pub fn new(n: usize, h: Vec<f64>, tokens: usize) -> Hessian {
+        Hessian {
+            n,
+            h,
+            tokens,
+            u: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// Hessians by linear weight name (`layers.3.wq`, `lm_head`, …); linears that read the same
@@ -67,11 +80,7 @@ pub fn collect(
     let n_outputs = 1 + 2 * c.n_layers; // logits, present key/value per layer
     let mut sums: Vec<Hessian> = capture
         .iter()
-        .map(|(_, n)| Hessian {
-            n: *n,
-            h: vec![0.0; n * n],
-            tokens: 0,
-        })
+        .map(|(_, n)| Hessian::new(*n, vec![0.0; n * n], 0))
         .collect();
     // Windows spread evenly over the text.
     let step = (tokens.len() - window) / windows.max(1);
@@ -108,13 +117,30 @@ pub fn collect(
     Ok(by_linear)
 }
 
+/// Dot product with eight independent partial sums, so the compiler can vectorize it.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Cholesky factor `L` (lower, row-major) of a symmetric positive definite `a (n, n)`.
 fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
     let mut l = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            let v = a[i * n + j] - dot;
+            let v = a[i * n + j] - dot(&l[i * n..i * n + j], &l[j * n..j * n + j]);
             if i == j {
                 ensure!(v > 0.0, "calibration Hessian is not positive definite");
                 l[i * n + i] = v.sqrt();
@@ -136,8 +162,7 @@ fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>> {
         let col = &mut lit[c * n..(c + 1) * n];
         col[c] = 1.0 / l[c * n + c];
         for i in c + 1..n {
-            let li = &l[i * n..i * n + i];
-            let s: f64 = (c..i).map(|k| li[k] * col[k]).sum();
+            let s = dot(&l[i * n + c..i * n + i], &col[c..i]);
             col[i] = -s / l[i * n + i];
         }
     }
@@ -146,7 +171,7 @@ fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>> {
     for i in 0..n {
         for j in 0..=i {
             let (a, b) = (&lit[i * n..(i + 1) * n], &lit[j * n..(j + 1) * n]);
-            let s: f64 = (i..n).map(|k| a[k] * b[k]).sum();
+            let s = dot(&a[i..], &b[i..]);
             hinv[i * n + j] = s;
             hinv[j * n + i] = s;
         }
@@ -162,21 +187,39 @@ fn inverse_cholesky_upper(h: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(u)
 }
 
+impl Hessian {
+    /// GPTQ's `U` for this Hessian (damped by 1% of its mean diagonal), computed once.
+    fn inverse_factor(&self) -> Result<&[f64]> {
+        if let Some(u) = self.u.get() {
+            return Ok(u);
+        }
+        let n = self.n;
+        let mut hm: Vec<f64> = self.h.iter().map(|v| v / self.tokens as f64).collect();
+        let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
+        for i in 0..n {
+            // 1% damping (GPTQ's default); inputs never seen get the damping alone.
+            hm[i * n + i] += 0.01 * mean_diag.max(1e-12);
+        }
+        let u = inverse_cholesky_upper(&hm, n)?;
+        Ok(self.u.get_or_init(|| u))
+    }
+}
+
 /// GPTQ with one symmetric scale per row (`max|row| / 127`, as [`crate::quant::quantize_rows`]).
 pub fn gptq(w: &Matrix, h: &Hessian) -> Result<QuantMatrix> {
     let n = w.cols;
-    ensure!(h.n == n, "Hessian of order {} for a weight with {n} inputs", h.n);
-    let mut hm: Vec<f64> = h.h.iter().map(|v| v / h.tokens as f64).collect();
-    let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
-    for i in 0..n {
-        // 1% damping (GPTQ's default); inputs never seen get the damping alone.
-        hm[i * n + i] += 0.01 * mean_diag.max(1e-12);
-    }
-    let u = inverse_cholesky_upper(&hm, n)?;
+    ensure!(
+        h.n == n,
+        "Hessian of order {} for a weight with {n} inputs",
+        h.n
+    );
+    let u = h.inverse_factor()?;
     let rows = w.rows;
     let mut q = vec![0i8; rows * n];
     let mut scale = vec![0f32; rows];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(8);
     let per = rows.div_ceil(threads);
     std::thread::scope(|s| {
         for ((wr, qr), sr) in w
@@ -185,7 +228,6 @@ pub fn gptq(w: &Matrix, h: &Hessian) -> Result<QuantMatrix> {
             .zip(q.chunks_mut(per * n))
             .zip(scale.chunks_mut(per))
         {
-            let u = &u;
             s.spawn(move || {
                 let mut row = vec![0f64; n];
                 for ((src, dst), sc) in wr.chunks(n).zip(qr.chunks_mut(n)).zip(sr.iter_mut()) {
@@ -245,7 +287,9 @@ mod tests {
         let (n, rows, tokens) = (16, 8, 400);
         let mut seed = 1u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 33) as f64 / (1u64 << 31) as f64) - 0.5
         };
         let xs: Vec<Vec<f64>> = (0..tokens)
@@ -267,7 +311,7 @@ mod tests {
             cols: n,
             data: (0..rows * n).map(|_| rnd() as f32).collect(),
         };
-        let hs = Hessian { n, h, tokens };
+        let hs = Hessian::new(n, h, tokens);
         let out_err = |q: &QuantMatrix| -> f64 {
             let d = q.dequantize();
             xs.iter()

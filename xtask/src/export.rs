@@ -32,10 +32,10 @@ use anyhow::{Context, Result};
 use prost::Message;
 use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
 
+use crate::calibrate::Hessians;
 use crate::gguf::Gguf;
 use crate::llama::{LlamaWeights, Matrix};
 use crate::onnx::{Attr, Dim, Elem, GraphBuilder};
-use crate::calibrate::Hessians;
 use crate::quant::{self, KronOrthogonal, Rotation};
 use crate::tokenizer_export;
 
@@ -600,7 +600,13 @@ pub fn build_graph_with(
         cx.b.output(&bundle::present_value(l), Elem::F32);
     }
     let mut captured = Capture::new();
-    for (i, (x, names, k)) in cx.capture.take().unwrap_or_default().into_iter().enumerate() {
+    for (i, (x, names, k)) in cx
+        .capture
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let b = &mut cx.b;
         let flat = b.ints(&[-1, k as i64]);
         let x2 = b.op("Reshape", &[&x, &flat], vec![]); // (S, K)

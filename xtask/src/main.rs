@@ -32,7 +32,7 @@ enum Cmd {
         /// Bundle directory [default: models/bundles/<name>]
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Bundle name [default: smollm2-135m-instruct-<quant>]
+        /// Bundle name [default: smollm2-135m-instruct-<quant>, plus -gptq when calibrated]
         #[arg(long)]
         name: Option<String>,
         /// Weight format
@@ -90,7 +90,9 @@ fn main() -> Result<()> {
             q.keep_float = keep_float;
             q.weights_only = weights_only;
             q.calibrate = calibrate;
-            let name = name.unwrap_or_else(|| export::default_name(quant));
+            let name = name.unwrap_or_else(|| {
+                export::default_name(quant) + if calibrate.is_some() { "-gptq" } else { "" }
+            });
             let teacher = match teacher {
                 Some(t) => t,
                 None => xtask::fetch::teacher()?,
