@@ -195,7 +195,7 @@ impl OpProfile {
             .iter()
             .map(|(k, &(d, n))| (k.as_str(), d, n))
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 }
