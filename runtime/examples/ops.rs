@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 fn main() -> anyhow::Result<()> {
     let dir = std::env::args()
         .nth(1)
-        .unwrap_or("models/bundles/smollm2-135m-instruct-f32".into());
+        .unwrap_or("models/bundles/smollm2-135m-instruct-int8".into());
     let m = quill::Model::load(std::path::Path::new(&dir), &quill::LoadOptions::default())?;
     let model = m.typed_model();
     let mut ops = BTreeMap::<String, usize>::new();

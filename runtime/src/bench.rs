@@ -152,6 +152,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 threads: opts.threads,
                 verify: true,
                 quill_kernels: opts.quill_kernels,
+                return_memory: true,
             },
         )?;
         load.push(t0.elapsed().as_secs_f64());

@@ -101,8 +101,11 @@ pub struct Manifest {
     pub version: u32,
     pub name: String,
     pub architecture: String,
-    /// Weight storage: `"f32"` (quantized formats follow).
+    /// Weight storage and arithmetic of the linears: one of [`WEIGHT_FORMATS`].
     pub weights: String,
+    /// How the weights were quantized (absent for float32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationInfo>,
     pub config: ModelConfig,
     /// The longest sequence (prompt + generated) the graph's position tables cover.
     pub context_length: usize,
@@ -111,6 +114,20 @@ pub struct Manifest {
     pub chat: Option<ChatTemplate>,
     pub source: SourceInfo,
     pub files: Vec<FileEntry>,
+}
+
+/// Provenance of a quantized bundle, for people and tools reading the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationInfo {
+    /// What is quantized and how, in words.
+    pub scheme: String,
+    /// Orthogonal rotations folded into the weights (`residual`, `values`, `ffn`).
+    pub rotations: Vec<String>,
+    /// The calibration pass, if any (e.g. GPTQ on 8 × 512 tokens of training text).
+    pub calibration: Option<String>,
+    /// Linears kept in float32 (a study aid; empty in a deployable bundle).
+    #[serde(default)]
+    pub float_linears: Vec<String>,
 }
 
 /// A bundle whose manifest has been read and whose files have been checked.
@@ -243,11 +260,11 @@ impl Bundle {
 }
 
 /// The bundle `quill` uses when `--model` is not given: `$QUILL_MODEL`, else
-/// `models/bundles/smollm2-135m-instruct-f32` under the current directory.
+/// `models/bundles/smollm2-135m-instruct-int8` under the current directory.
 pub fn default_bundle_dir() -> PathBuf {
     std::env::var_os("QUILL_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("models/bundles").join(DEFAULT_BUNDLE_NAME))
 }
 
-pub const DEFAULT_BUNDLE_NAME: &str = "smollm2-135m-instruct-f32";
+pub const DEFAULT_BUNDLE_NAME: &str = "smollm2-135m-instruct-int8";

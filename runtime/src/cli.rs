@@ -103,7 +103,7 @@ pub struct TokenizeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model bundle directory [default: $QUILL_MODEL or models/bundles/smollm2-135m-instruct-f32]
+    /// Model bundle directory [default: $QUILL_MODEL or models/bundles/smollm2-135m-instruct-int8]
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
     /// Threads for tract's matrix products
@@ -130,6 +130,7 @@ impl ModelArgs {
                 threads: self.threads,
                 verify: true,
                 quill_kernels: !self.tract_kernels,
+                return_memory: true,
             },
         )?)
     }
@@ -444,6 +445,19 @@ fn info(a: InfoArgs) -> Result<()> {
         c.n_params as f64 / 1e6
     );
     println!("weights       {}", m.weights);
+    if let Some(q) = &m.quantization {
+        println!("quantization  {}", q.scheme);
+        if !q.rotations.is_empty() {
+            println!("rotations     {}", q.rotations.join(", "));
+        }
+        println!(
+            "calibration   {}",
+            q.calibration.as_deref().unwrap_or("none")
+        );
+        if !q.float_linears.is_empty() {
+            println!("kept float32  {}", q.float_linears.join(", "));
+        }
+    }
     println!(
         "shape         {} layers, width {}, {} heads ({} key/value), head dim {}, FFN {}",
         c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
@@ -523,6 +537,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 threads: a.model.threads,
                 verify: true,
                 quill_kernels: !a.model.tract_kernels,
+                return_memory: true,
             },
         )?),
         None => None,

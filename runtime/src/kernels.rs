@@ -250,6 +250,24 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
         return Ok(0);
     }
     let mut replaced = 0;
+    // One at a time, compacting after each: the original int8 constant is freed before the
+    // next weight is packed, so loading never holds two copies of every weight.
+    while let Some((id, op)) = next_int8_einsum(model)? {
+        let input = model.node(id).inputs[0];
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, input)?;
+        let y = patch.wire_node(name, op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        model.compact()?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// The first int8 `EinSum` that [`Int8Linear`] can replace, with its replacement.
+fn next_int8_einsum(model: &TypedModel) -> TractResult<Option<(usize, Int8Linear)>> {
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(e) = node.op_as::<EinSum>() else {
@@ -258,11 +276,11 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
         if e.q_params != Some(DatumType::I32) || e.axes.to_string() != "amk,kn,,,,,,,->amn" {
             continue;
         }
-        let facts: TVec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
-        if facts[0].datum_type != DatumType::I8 || facts.len() != 9 {
+        let facts = model.node_input_facts(id)?;
+        if facts.len() != 9 || facts[0].datum_type != DatumType::I8 {
             continue;
         }
-        let Some(w) = facts[1].konst.clone() else {
+        let Some(w) = &facts[1].konst else {
             continue;
         };
         // Zero points (inputs 2, 3, 5, 7: bias, a0, b0, c0) must be 0 and scales (4, 6, 8) 1.
@@ -273,13 +291,8 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
                         .is_ok_and(|v| v == if one { 1.0 } else { 0.0 })
             })
         };
-        if !(trivial(2, false)
-            && trivial(3, false)
-            && trivial(5, false)
-            && trivial(7, false)
-            && trivial(4, true)
-            && trivial(6, true)
-            && trivial(8, true))
+        if !([2, 3, 5, 7].iter().all(|&i| trivial(i, false))
+            && [4, 6, 8].iter().all(|&i| trivial(i, true)))
         {
             continue;
         }
@@ -287,21 +300,11 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let (k, n) = (w.shape()[0], w.shape()[1]);
-        let data = w.try_as_plain_ram()?.as_slice::<i8>()?;
-        let Some(op) = Int8Linear::new(data, k, n) else {
-            continue;
-        };
-        let input = node.inputs[0];
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(name, op, &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.apply(model)?;
-        replaced += 1;
+        if let Some(op) = Int8Linear::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n) {
+            return Ok(Some((id, op)));
+        }
     }
-    model.prop_consts()?;
-    Ok(replaced)
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -198,6 +198,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         name: opts.name.clone(),
         architecture: bundle::ARCHITECTURE.to_string(),
         weights: opts.quant.format.name().to_string(),
+        quantization: quantization_info(&opts.quant),
         config: ModelConfig {
             n_layers: c.n_layers,
             d_model: c.d_model,
@@ -242,6 +243,45 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         t0.elapsed().as_secs_f32()
     );
     Ok(manifest)
+}
+
+/// The manifest's description of `q` (`None` for float32).
+fn quantization_info(q: &QuantOptions) -> Option<bundle::QuantizationInfo> {
+    let scheme = match q.format {
+        WeightFormat::F32 => return None,
+        WeightFormat::F16 => {
+            "float16 weights and matmuls (ONNX MatMul on float16); norms, \
+                              rotary tables, attention and the residual stream in float32"
+        }
+        WeightFormat::Int8 if q.weights_only => {
+            "STUDY ONLY: int8 weights dequantized to float32 in the graph"
+        }
+        WeightFormat::Int8 => {
+            "int8 weights, one symmetric scale per output channel (embedding: \
+                               per row); activations quantized to int8 per token at run time; \
+                               ONNX MatMulInteger; norms, rotary tables, attention in float32"
+        }
+    };
+    let r = q.rotation;
+    let rotations = [
+        ("residual", r.residual),
+        ("values", r.values),
+        ("ffn", r.ffn),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(n, _)| n.to_string())
+    .collect();
+    Some(bundle::QuantizationInfo {
+        scheme: scheme.to_string(),
+        rotations,
+        calibration: q.calibrate.map(|w| {
+            format!(
+                "GPTQ, Hessians from {w} windows of {CALIBRATION_WINDOW} tokens of training text"
+            )
+        }),
+        float_linears: q.keep_float.clone(),
+    })
 }
 
 /// Tokens per calibration window.

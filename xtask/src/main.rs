@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
         /// Weight format
-        #[arg(long, value_enum, default_value = "f32")]
+        #[arg(long, value_enum, default_value = "int8")]
         quant: WeightFormat,
         /// Rotations folded into the weights before quantizing: "all", "none", or a comma list
         /// of residual, values, ffn [default: all for int8, none otherwise]
