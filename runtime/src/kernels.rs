@@ -250,8 +250,9 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
         return Ok(0);
     }
     let mut replaced = 0;
-    // One at a time, compacting after each: the original int8 constant is freed before the
-    // next weight is packed, so loading never holds two copies of every weight.
+    // One at a time (a replaced node drops out of the evaluation order), compacting every few
+    // replacements to free the original int8 constants: loading never holds two copies of
+    // every weight.
     while let Some((id, op)) = next_int8_einsum(model)? {
         let input = model.node(id).inputs[0];
         let name = model.node(id).name.clone();
@@ -260,9 +261,12 @@ pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
         let y = patch.wire_node(name, op, &[x])?[0];
         patch.shunt_outside(model, OutletId::new(id, 0), y)?;
         patch.apply(model)?;
-        model.compact()?;
         replaced += 1;
+        if replaced % 16 == 0 {
+            model.compact()?;
+        }
     }
+    model.compact()?;
     Ok(replaced)
 }
 
