@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -90,18 +91,43 @@ impl Int8Linear {
         self.n
     }
 
-    /// `out (m, n) = x (m, k) · W`, with the best kernel this CPU has.
+    /// `out (m, n) = x (m, k) · W`, with the best kernel this CPU has, on the calling thread.
     pub fn run(&self, x: &[i8], out: &mut [i32]) {
+        self.run_on(x, out, &Executor::SingleThread);
+    }
+
+    /// [`Int8Linear::run`], with the output channels split over `executor`'s threads (tract's
+    /// pool: quill's `--threads`).
+    pub fn run_on(&self, x: &[i8], out: &mut [i32], executor: &Executor) {
         let m = x.len() / self.k;
         assert_eq!(x.len(), m * self.k);
         assert_eq!(out.len(), m * self.n);
         #[cfg(target_arch = "x86_64")]
         if vnni_available() {
-            // SAFETY: the CPU has the features the function is compiled for (checked above),
-            // and the slices have the sizes asserted above.
-            unsafe { self.run_vnni(x, out) };
+            let pairs = self.n / 32;
+            let out_ptr = SendPtr(out.as_mut_ptr());
+            #[allow(irrefutable_let_patterns)]
+            if let Executor::MultiThread(pool) = executor
+                && pool.current_num_threads() > 1
+                && pairs >= 2 * pool.current_num_threads()
+            {
+                let parts = pool.current_num_threads();
+                pool.scope(|s| {
+                    for i in 0..parts {
+                        let range = pairs * i / parts..pairs * (i + 1) / parts;
+                        let out_ptr = &out_ptr;
+                        // SAFETY: the CPU has the kernel's features (checked above); `x` and
+                        // `out` have the asserted sizes, and the parts write disjoint columns.
+                        s.spawn(move |_| unsafe { self.run_vnni(x, out_ptr.0, m, range) });
+                    }
+                });
+            } else {
+                // SAFETY: as above, one part covering every column.
+                unsafe { self.run_vnni(x, out_ptr.0, m, 0..pairs) };
+            }
             return;
         }
+        let _ = executor;
         self.run_portable(x, out);
     }
 
@@ -124,42 +150,55 @@ impl Int8Linear {
         }
     }
 
+    /// Output columns `32·pairs.start .. 32·pairs.end` of `out (m, n)` (written through a raw
+    /// pointer so that several threads can each own a range of columns).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VNNI; `x` holds `m` rows of `k`; `out` points to `m × n`
+    /// writable i32 of which no one else touches these columns; `pairs.end ≤ n / 32`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn run_vnni(&self, x: &[i8], out: &mut [i32]) {
-        let m = x.len() / self.k;
+    unsafe fn run_vnni(&self, x: &[i8], out: *mut i32, m: usize, pairs: std::ops::Range<usize>) {
         let mut t = 0;
         while t < m {
             let rows = (m - t).min(TOKENS_PER_PASS);
             let xs = &x[t * self.k..(t + rows) * self.k];
-            let ys = &mut out[t * self.n..(t + rows) * self.n];
-            // SAFETY: same features as this function; `xs`/`ys` hold `rows` rows.
+            // SAFETY: same features as this function; rows t..t+rows exist in `out`.
             unsafe {
+                let ys = out.add(t * self.n);
                 match rows {
-                    1 => self.pass_vnni::<1>(xs, ys),
-                    2 => self.pass_vnni::<2>(xs, ys),
-                    3 => self.pass_vnni::<3>(xs, ys),
-                    _ => self.pass_vnni::<4>(xs, ys),
+                    1 => self.pass_vnni::<1>(xs, ys, pairs.clone()),
+                    2 => self.pass_vnni::<2>(xs, ys, pairs.clone()),
+                    3 => self.pass_vnni::<3>(xs, ys, pairs.clone()),
+                    _ => self.pass_vnni::<4>(xs, ys, pairs.clone()),
                 }
             }
             t += rows;
         }
     }
 
-    /// `T` tokens × all output channels, two blocks of 16 channels at a time (two independent
-    /// accumulator chains per token hide `vpdpbusd`'s latency).
+    /// `T` tokens × the output channels of `pairs`, two blocks of 16 channels at a time (two
+    /// independent accumulator chains per token hide `vpdpbusd`'s latency).
+    ///
+    /// # Safety
+    /// As [`Int8Linear::run_vnni`], with `x` holding exactly `T` rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn pass_vnni<const T: usize>(&self, x: &[i8], out: &mut [i32]) {
+    unsafe fn pass_vnni<const T: usize>(
+        &self,
+        x: &[i8],
+        out: *mut i32,
+        pairs: std::ops::Range<usize>,
+    ) {
         use std::arch::x86_64::*;
         let (k, n) = (self.k, self.n);
         let groups = k / 4;
         let w = self.packed.as_ptr();
-        for pair in 0..n / 32 {
+        for pair in pairs {
             let mut acc0 = [_mm512_setzero_si512(); T];
             let mut acc1 = [_mm512_setzero_si512(); T];
             // SAFETY: blocks 2·pair and 2·pair+1 exist (n is a multiple of 32), each holds
-            // `groups` 64-byte rows; every x row has k = 4·groups bytes.
+            // `groups` 64-byte rows; every x row has k = 4·groups bytes; `out` rows have n.
             unsafe {
                 let w0 = w.add(2 * pair * groups * 64);
                 let w1 = w0.add(groups * 64);
@@ -176,7 +215,7 @@ impl Int8Linear {
                 let off0 = _mm512_loadu_si512(self.offset.as_ptr().add(pair * 32) as *const _);
                 let off1 = _mm512_loadu_si512(self.offset.as_ptr().add(pair * 32 + 16) as *const _);
                 for tt in 0..T {
-                    let y = out.as_mut_ptr().add(tt * n + pair * 32);
+                    let y = out.add(tt * n + pair * 32);
                     _mm512_storeu_si512(y as *mut _, _mm512_sub_epi32(acc0[tt], off0));
                     _mm512_storeu_si512(y.add(16) as *mut _, _mm512_sub_epi32(acc1[tt], off1));
                 }
@@ -184,6 +223,12 @@ impl Int8Linear {
         }
     }
 }
+
+/// A raw output pointer shared by the threads of one product, each writing its own columns.
+struct SendPtr(*mut i32);
+// SAFETY: only used to hand disjoint column ranges of one buffer to scoped threads.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
 
 /// Whether this CPU runs [`Int8Linear`]'s AVX-512 VNNI kernel.
 pub fn vnni_available() -> bool {
@@ -227,7 +272,12 @@ impl EvalOp for Int8Linear {
         shape[rank - 1] = self.n;
         let x = x.try_as_plain_ram()?.as_slice::<i8>()?;
         let mut y = Tensor::zero::<i32>(&shape)?;
-        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?);
+        let executor = tract_linalg::multithread::current_tract_executor();
+        self.run_on(
+            x,
+            y.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?,
+            &executor,
+        );
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -330,7 +380,7 @@ mod tests {
 
     #[test]
     fn kernels_match_a_naive_product_including_extremes() {
-        let (k, n) = (72, 64);
+        let (k, n) = (72, 128);
         let mut s = 12345u32;
         let mut rnd = || {
             s ^= s << 13;
@@ -342,6 +392,7 @@ mod tests {
         w[0] = -128;
         w[1] = 127;
         let op = Int8Linear::new(&w, k, n).unwrap();
+        let pool = Executor::multithread(2);
         for m in [1, 2, 3, 4, 5, 9] {
             let mut x: Vec<i8> = (0..m * k).map(|_| rnd()).collect();
             x[0] = -128;
@@ -353,6 +404,9 @@ mod tests {
             let mut y = vec![0i32; m * n];
             op.run(&x, &mut y); // the SIMD kernel where the CPU has it
             assert_eq!(y, expected, "best kernel, {m} rows");
+            let mut y = vec![0i32; m * n];
+            op.run_on(&x, &mut y, &pool); // and split over threads
+            assert_eq!(y, expected, "best kernel on 2 threads, {m} rows");
         }
         assert!(
             Int8Linear::new(&w[..k * 48], k, 48).is_none(),

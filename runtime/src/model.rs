@@ -131,6 +131,15 @@ impl Model {
             });
         }
         let graph = bundle.path(bundle::GRAPH_FILE);
+        if opts.threads == 1 {
+            // tract's fused attention spreads its heads over rayon's global pool (every core)
+            // unless told otherwise; `--threads 1` means one thread. A process-wide setting,
+            // refused (and ignored) only if something set it differently before.
+            let _ = tract_onnx::tract_core::internal::tract_data::knobs::set_config_global(
+                "TRACT_FLASH_SDPA_ST",
+                "true",
+            );
+        }
         if opts.return_memory {
             set_mmap_threshold(128 << 10);
         }
