@@ -217,3 +217,56 @@ fn bench_reports_medians_as_json() {
     }
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 100.0, "{v}");
 }
+
+#[test]
+fn int8_info_and_profile_show_the_quantization_and_the_kernels() {
+    use xtask::export::WeightFormat;
+    let model = crate::support::quant_bundle_dir(WeightFormat::Int8)
+        .to_str()
+        .unwrap();
+    let out = quill(&["info", "--model", model], b"");
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for want in [
+        "weights       int8",
+        "MatMulInteger",
+        "residual, values, ffn",
+    ] {
+        assert!(s.contains(want), "info lacks {want:?}:\n{s}");
+    }
+
+    let args = [
+        "bench",
+        "--model",
+        model,
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--profile",
+        "--json",
+    ];
+    let out = quill(&args, b"");
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let decode = v["profile"]["decode"].as_array().expect("a decode profile");
+    let names: Vec<&str> = decode.iter().map(|o| o["op"].as_str().unwrap()).collect();
+    // The int8 products run in quill's kernel where the CPU has one, else in tract's.
+    let matmul = if quill::kernels::vnni_available() {
+        "QuillInt8Linear"
+    } else {
+        "OptMatMul"
+    };
+    assert!(names.contains(&matmul), "{names:?}");
+    let calls = decode.iter().find(|o| o["op"] == matmul).unwrap()["calls"]
+        .as_f64()
+        .unwrap();
+    assert!(calls >= 211.0, "{calls} {matmul} per decode step");
+    let share: f64 = decode.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!(
+        share > 0.5 && share <= 1.0 + 1e-9,
+        "op shares sum to {share}"
+    );
+}
