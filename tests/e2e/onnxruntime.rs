@@ -2,7 +2,9 @@
 
 use xtask::export::WeightFormat;
 
-use crate::support::{argmax, bundle_dir, model, python, quant_bundle_dir, quant_model};
+use crate::support::{
+    argmax, bundle_dir, max_abs_diff, model, python, quant_bundle_dir, quant_model,
+};
 
 /// onnxruntime's last-position logits for `ids` on the bundle in `dir`.
 fn ort_logits(dir: &std::path::Path, ids: &[u32]) -> Vec<f32> {
@@ -31,11 +33,7 @@ fn onnxruntime_runs_the_graph_and_agrees_with_tract() {
     let ort = ort_logits(bundle_dir(), &ids);
     let tract = m.session().unwrap().forward_last(&ids).unwrap().to_vec();
     assert_eq!(ort.len(), tract.len());
-    let diff = ort
-        .iter()
-        .zip(&tract)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&ort, &tract);
     eprintln!("onnxruntime vs tract, last position: max |Δ| = {diff:.2e}");
     assert_eq!(argmax(&ort), argmax(&tract));
     assert!(diff < 1e-2, "onnxruntime and tract differ by {diff}");
@@ -54,22 +52,14 @@ fn onnxruntime_runs_the_int8_graph_and_agrees_with_quill() {
     );
     let ort = ort_logits(quant_bundle_dir(WeightFormat::Int8), &ids);
     let quill = m.session().unwrap().forward_last(&ids).unwrap().to_vec();
-    let diff = ort
-        .iter()
-        .zip(&quill)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&ort, &quill);
     let f32_logits = model()
         .session()
         .unwrap()
         .forward_last(&ids)
         .unwrap()
         .to_vec();
-    let quant_error = quill
-        .iter()
-        .zip(&f32_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let quant_error = max_abs_diff(&quill, &f32_logits);
     eprintln!(
         "int8, last position: max |Δ| onnxruntime vs quill {diff:.2e}, quill int8 vs float32 \
          {quant_error:.2e}"

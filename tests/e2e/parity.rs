@@ -3,7 +3,7 @@
 
 use quill::Decoder;
 
-use crate::support::{argmax, gguf_weights, model};
+use crate::support::{argmax, gguf_weights, max_abs_diff, model};
 
 const TEXT: &str =
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and";
@@ -11,14 +11,6 @@ const TEXT: &str =
 /// Largest absolute difference between the logits of tract and of the reference; the f32 sums
 /// run in different orders; measured here: 1.6e-4 on logits of magnitude up to about 30.
 const TOLERANCE: f32 = 1e-3;
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn tract_logits_match_the_reference_forward_pass() {

@@ -9,7 +9,7 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
 use xtask::export::WeightFormat;
 
-use crate::support::{argmax, held_out_text, model, quant_model};
+use crate::support::{argmax, held_out_text, max_abs_diff, model, quant_model};
 
 /// Bytes of float data a model keeps: constants, and weights pre-packed inside matmuls.
 fn float_bytes(model: &TypedModel) -> usize {
@@ -142,22 +142,14 @@ fn quill_int8_kernel_and_tract_compute_the_same_logits() {
         .forward_all(&ids, &mut b)
         .unwrap();
     // Both accumulate int8 products exactly in int32; only float epilogues may differ.
-    let max_diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&a, &b);
     eprintln!("quill vs tract int8 kernels: max |logit diff| {max_diff:.2e}");
     assert!(max_diff < 1e-3, "max |diff| {max_diff}");
     // And token by token (the matrix-vector path).
     let (mut sq, mut st) = (quill_k.session().unwrap(), tract_k.session().unwrap());
     for (i, &t) in ids.iter().enumerate() {
         let q = sq.forward_last(&[t]).unwrap().to_vec();
-        let d = q
-            .iter()
-            .zip(st.forward_last(&[t]).unwrap())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&q, st.forward_last(&[t]).unwrap());
         assert!(d < 1e-3, "position {i}: max |diff| {d}");
     }
 }
@@ -188,11 +180,7 @@ fn rotations_leave_the_float_model_unchanged() {
         .unwrap()
         .forward_all(&ids, &mut b)
         .unwrap();
-    let max_diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&a, &b);
     let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
     eprintln!("rotated vs plain float32 logits: max |diff| {max_diff:.2e} (|logit| ≤ {range:.1})");
     assert!(max_diff < 2e-3 * range, "max |diff| {max_diff}");

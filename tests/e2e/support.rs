@@ -134,6 +134,15 @@ pub fn gguf_weights() -> &'static LlamaWeights {
     })
 }
 
+/// The largest absolute difference between two equally long rows.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Index of the largest value.
 pub fn argmax(xs: &[f32]) -> usize {
     quill::sampler::argmax(xs) as usize
