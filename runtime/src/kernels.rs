@@ -173,7 +173,7 @@ impl Int8Linear {
             unsafe {
                 let ys = out.add(t * self.n);
                 match rows {
-                    1 => self.pass_vnni::<1>(xs, ys, pairs.clone()),
+                    1 => self.pass_vnni_one(xs, ys, pairs.clone()),
                     2 => self.pass_vnni::<2>(xs, ys, pairs.clone()),
                     3 => self.pass_vnni::<3>(xs, ys, pairs.clone()),
                     _ => self.pass_vnni::<4>(xs, ys, pairs.clone()),
@@ -226,6 +226,54 @@ impl Int8Linear {
                     _mm512_storeu_si512(y.add(16) as *mut _, _mm512_sub_epi32(acc1[tt], off1));
                 }
             }
+        }
+    }
+}
+
+impl Int8Linear {
+    /// One token (decode): four blocks of 16 channels per iteration, so four weight streams and
+    /// four accumulator chains are in flight; a trailing pair goes to [`Int8Linear::pass_vnni`].
+    ///
+    /// # Safety
+    /// As [`Int8Linear::run_vnni`], with `x` holding exactly one row.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn pass_vnni_one(&self, x: &[i8], out: *mut i32, pairs: std::ops::Range<usize>) {
+        use std::arch::x86_64::*;
+        let groups = self.k / 4;
+        let w = self.packed.as_ptr();
+        let quads = pairs.len() / 2;
+        for q in 0..quads {
+            let pair = pairs.start + 2 * q;
+            // SAFETY: blocks 2·pair .. 2·pair+4 exist (pair + 1 < pairs.end ≤ n/32); x has k bytes.
+            unsafe {
+                let w0 = w.add(2 * pair * groups * 64);
+                let (w1, w2, w3) = (
+                    w0.add(groups * 64),
+                    w0.add(2 * groups * 64),
+                    w0.add(3 * groups * 64),
+                );
+                let mut acc = [_mm512_setzero_si512(); 4];
+                for g in 0..groups {
+                    let xp = x.as_ptr().add(g * 4) as *const i32;
+                    let xv = _mm512_set1_epi32(xp.read_unaligned() ^ 0x8080_8080u32 as i32);
+                    for (a, wb) in acc.iter_mut().zip([w0, w1, w2, w3]) {
+                        let wv = _mm512_loadu_si512(wb.add(g * 64) as *const _);
+                        *a = _mm512_dpbusd_epi32(*a, xv, wv);
+                    }
+                }
+                for (b, a) in acc.iter().enumerate() {
+                    let off = _mm512_loadu_si512(
+                        self.offset.as_ptr().add(pair * 32 + b * 16) as *const _
+                    );
+                    let y = out.add(pair * 32 + b * 16);
+                    _mm512_storeu_si512(y as *mut _, _mm512_sub_epi32(*a, off));
+                }
+            }
+        }
+        if pairs.len() % 2 == 1 {
+            // SAFETY: as above, for the last pair.
+            unsafe { self.pass_vnni::<1>(x, out, pairs.end - 1..pairs.end) };
         }
     }
 }
@@ -386,7 +434,6 @@ mod tests {
 
     #[test]
     fn kernels_match_a_naive_product_including_extremes() {
-        let (k, n) = (72, 128);
         let mut s = 12345u32;
         let mut rnd = || {
             s ^= s << 13;
@@ -394,28 +441,37 @@ mod tests {
             s ^= s << 5;
             s as i8
         };
-        let mut w: Vec<i8> = (0..k * n).map(|_| rnd()).collect();
-        w[0] = -128;
-        w[1] = 127;
-        let op = Int8Linear::new(&w, k, n).unwrap();
         let pool = Executor::multithread(2);
-        for m in [1, 2, 3, 4, 5, 9] {
-            let mut x: Vec<i8> = (0..m * k).map(|_| rnd()).collect();
-            x[0] = -128;
-            x[1] = 127;
-            let expected = naive(&x, &w, k, n);
-            let mut y = vec![0i32; m * n];
-            op.run_portable(&x, &mut y);
-            assert_eq!(y, expected, "portable, {m} rows");
-            let mut y = vec![0i32; m * n];
-            op.run(&x, &mut y); // the SIMD kernel where the CPU has it
-            assert_eq!(y, expected, "best kernel, {m} rows");
-            let mut y = vec![0i32; m * n];
-            op.run_on(&x, &mut y, &pool); // and split over threads
-            assert_eq!(y, expected, "best kernel on 2 threads, {m} rows");
+        // n = 128: whole groups of four blocks; n = 96: three pairs, the last one alone;
+        // 512 × 2048 at 8 rows: big enough (MIN_MACS_TO_SPLIT) to be split over the threads.
+        for (k, n, rows) in [
+            (72, 128, &[1, 2, 3, 4, 5, 9][..]),
+            (64, 96, &[1, 3, 6]),
+            (512, 2048, &[1, 8]),
+        ] {
+            let mut w: Vec<i8> = (0..k * n).map(|_| rnd()).collect();
+            w[0] = -128;
+            w[1] = 127;
+            let op = Int8Linear::new(&w, k, n).unwrap();
+            for &m in rows {
+                let mut x: Vec<i8> = (0..m * k).map(|_| rnd()).collect();
+                x[0] = -128;
+                x[1] = 127;
+                let expected = naive(&x, &w, k, n);
+                let mut y = vec![0i32; m * n];
+                op.run_portable(&x, &mut y);
+                assert_eq!(y, expected, "portable, {m}×{k}×{n}");
+                let mut y = vec![0i32; m * n];
+                op.run(&x, &mut y); // the SIMD kernel where the CPU has it
+                assert_eq!(y, expected, "best kernel, {m}×{k}×{n}");
+                let mut y = vec![0i32; m * n];
+                op.run_on(&x, &mut y, &pool);
+                assert_eq!(y, expected, "best kernel on 2 threads, {m}×{k}×{n}");
+            }
         }
+        let w = vec![0i8; 72 * 48];
         assert!(
-            Int8Linear::new(&w[..k * 48], k, 48).is_none(),
+            Int8Linear::new(&w, 72, 48).is_none(),
             "n not a multiple of 32"
         );
     }
