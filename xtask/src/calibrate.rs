@@ -19,7 +19,7 @@ use anyhow::{Context, Result, ensure};
 use prost::Message;
 use tract_onnx::prelude::*;
 
-use crate::export::{QuantOptions, build_graph_with};
+use crate::export::{QuantOptions, build_graph};
 use crate::llama::{LlamaWeights, Matrix};
 use crate::quant::{KronOrthogonal, QuantMatrix};
 
@@ -58,8 +58,7 @@ pub fn collect(
     work_dir: &Path,
 ) -> Result<Hessians> {
     let t0 = Instant::now();
-    let (proto, data, capture) =
-        build_graph_with(w, &QuantOptions::f32(), ffn_rotation, None, true);
+    let (proto, data, capture) = build_graph(w, &QuantOptions::f32(), ffn_rotation, None, true);
     std::fs::create_dir_all(work_dir)?;
     let graph = work_dir.join(quill::bundle::GRAPH_FILE);
     std::fs::write(&graph, proto.encode_to_vec())?;

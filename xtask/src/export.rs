@@ -169,7 +169,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         Some(_) => anyhow::bail!("--calibrate applies to --quant int8 only"),
         None => None,
     };
-    let (model, weights_data, _) = build_graph_with(
+    let (model, weights_data, _) = build_graph(
         &weights,
         &opts.quant,
         ffn_rotation.as_ref(),
@@ -497,23 +497,15 @@ impl Ctx<'_> {
     }
 }
 
-/// Builds the decoder graph described in the module docs; returns it and the bytes of its
-/// external data file (`bundle::WEIGHTS_FILE`), which holds every large initializer.
-pub fn build_graph(
-    w: &LlamaWeights,
-    quant: &QuantOptions,
-    ffn_rotation: Option<&KronOrthogonal>,
-) -> (tract_onnx::pb::ModelProto, Vec<u8>) {
-    let (model, data, _) = build_graph_with(w, quant, ffn_rotation, None, false);
-    (model, data)
-}
-
 /// A calibration capture: for each distinct linear input, the linears reading it and its width.
 pub type Capture = Vec<(Vec<String>, usize)>;
 
-/// [`build_graph`] with GPTQ Hessians, or (`capture`) with an extra `(K, K)` output `xᵀ·x` per
-/// distinct linear input after the usual outputs, listed in the returned [`Capture`].
-pub fn build_graph_with(
+/// Builds the decoder graph described in the module docs; returns it, the bytes of its external
+/// data file (`bundle::WEIGHTS_FILE`), which holds every large initializer, and the capture list.
+/// int8 weights are rounded with GPTQ where `hessians` has theirs; with `capture`, the graph
+/// also outputs `xᵀ·x` `(K, K)` per distinct linear input, after the usual outputs, as listed in
+/// the returned [`Capture`].
+pub fn build_graph(
     w: &LlamaWeights,
     quant: &QuantOptions,
     ffn_rotation: Option<&KronOrthogonal>,
