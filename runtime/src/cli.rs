@@ -1,4 +1,4 @@
-//! The `quill` command line: `generate`, `chat`, `info`.
+//! The `quill` command line: `generate`, `chat`, `info`, `bench`, `eval`, `serve`, `client`.
 //!
 //! Generated text goes to stdout as it is produced; statistics and errors go to stderr
 //! (or, with `--json`, one JSON object to stdout at the end).
@@ -41,6 +41,98 @@ pub enum Command {
     Eval(EvalArgs),
     /// Print the token ids of a text (one JSON array), for checking the tokenizer
     Tokenize(TokenizeArgs),
+    /// Serve the model over a serial line: to a person at a terminal, or in the binary protocol
+    Serve(ServeArgs),
+    /// Talk to `quill serve --mode binary` over a serial line (ping, info, generate)
+    Client(ClientArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("line").required(true).args(["serial", "pty", "stdio"])))]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// A serial device: /dev/serial0 (a Pi's UART), /dev/ttyUSB0, /dev/ttyTHS1 (a Jetson)
+    #[arg(long)]
+    pub serial: Option<PathBuf>,
+    /// Create a pseudo-terminal and print its path on stdout (open it with picocom or screen)
+    #[arg(long)]
+    pub pty: bool,
+    /// Serve on standard input and output
+    #[arg(long)]
+    pub stdio: bool,
+    /// Line speed of --serial (8N1)
+    #[arg(long, default_value_t = 115200)]
+    pub baud: u32,
+    /// Hardware flow control (RTS/CTS) on --serial
+    #[arg(long)]
+    pub rtscts: bool,
+    /// text: a person at a terminal; binary: the quill-protocol frames of a microcontroller
+    #[arg(long, value_enum, default_value = "text")]
+    pub mode: ModeArg,
+    /// A file that takes 1 and 0 to switch the status LED (on while generating), e.g.
+    /// /sys/class/leds/ACT/brightness
+    #[arg(long)]
+    pub status_led: Option<PathBuf>,
+    /// Seconds a write may wait on a stalled line before the peer counts as gone (0 = forever)
+    #[arg(long, default_value_t = 30.0)]
+    pub write_timeout: f64,
+    /// System message for chat (replaces the template's default)
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Do not log connections and errors to stderr
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeArg {
+    Text,
+    Binary,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The serial device the server listens on (for `quill serve --pty`, the path it printed)
+    #[arg(long)]
+    pub serial: PathBuf,
+    #[arg(long, default_value_t = 115200)]
+    pub baud: u32,
+    #[arg(long)]
+    pub rtscts: bool,
+    /// Seconds to wait for each answer from the server
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Ping the server and print the round-trip time
+    #[arg(long)]
+    pub ping: bool,
+    /// Print what the server runs
+    #[arg(long)]
+    pub info: bool,
+    /// Clear the server's conversation first
+    #[arg(long)]
+    pub reset: bool,
+    /// Send the prompt as the next chat message (the conversation continues) instead of plain text
+    #[arg(long)]
+    pub chat: bool,
+    /// Sampling options (the server's settings when absent)
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<u16>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub max_tokens: Option<u16>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print one JSON object (text and statistics) instead of streaming
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt
+    pub prompt: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +326,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
+        Command::Serve(a) => serve(a),
+        Command::Client(a) => client(a),
     }
 }
 
@@ -583,6 +677,188 @@ fn eval(a: EvalArgs) -> Result<()> {
             agree * 100.0,
             o.manifest().name,
             model.manifest().name,
+        );
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use crate::serve::port::FdPort;
+    use crate::serve::{Console, Mode, ModelBackend, led};
+
+    // Open the line before the slow model load, so that a wrong device fails at once.
+    let port = if let Some(dev) = &a.serial {
+        FdPort::open_serial(dev, a.baud, a.rtscts)?
+    } else if a.pty {
+        FdPort::open_pty().context("creating a pseudo-terminal")?
+    } else {
+        FdPort::stdio()?
+    };
+    let model = a.model.load()?;
+    let name = model.manifest().name.clone();
+    let backend = ModelBackend::new(model, a.system.clone())?;
+    let mode = match a.mode {
+        ModeArg::Text => Mode::Text,
+        ModeArg::Binary => Mode::Binary,
+    };
+    if !(a.write_timeout >= 0.0 && a.write_timeout.is_finite()) {
+        bail!(
+            "--write-timeout must be a number of seconds ≥ 0, got {}",
+            a.write_timeout
+        );
+    }
+    let timeout =
+        (a.write_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(a.write_timeout));
+    let opts = a.sampling.options();
+    match &port.line {
+        crate::serve::port::Line::Pty { slave } => {
+            // The path alone on stdout, for scripts and tests; the rest on stderr.
+            println!("{}", slave.display());
+            std::io::stdout().flush()?;
+        }
+        crate::serve::port::Line::Serial { path, baud, .. } if !a.quiet => {
+            eprintln!("quill serve: {name} on {} at {baud} baud", path.display());
+        }
+        _ => {}
+    }
+    if !a.quiet {
+        eprintln!(
+            "quill serve: {name} ready ({} mode){}",
+            match mode {
+                Mode::Text => "text",
+                Mode::Binary => "binary",
+            },
+            if a.pty {
+                "; open the path above with picocom or screen"
+            } else {
+                ""
+            }
+        );
+    }
+    match &a.status_led {
+        Some(path) => {
+            let mut c = Console::new(
+                backend,
+                led::FileLed::open(path)?,
+                opts,
+                a.sampling.seed,
+                mode,
+            );
+            c.verbose = !a.quiet;
+            crate::serve::serve(&mut c, port, timeout)
+        }
+        None => {
+            let mut c = Console::new(backend, led::NoLed, opts, a.sampling.seed, mode);
+            c.verbose = !a.quiet;
+            crate::serve::serve(&mut c, port, timeout)
+        }
+    }
+}
+
+fn client(a: ClientArgs) -> Result<()> {
+    use crate::serve::port::FdPort;
+    use quill_protocol::{Client, ClientError, Generate, Sampling, truncated};
+
+    let mut port = FdPort::open_serial(&a.serial, a.baud, a.rtscts)?;
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!(
+            "--timeout must be a positive number of seconds, got {}",
+            a.timeout
+        );
+    }
+    port.set_read_timeout(Some(std::time::Duration::from_secs_f64(a.timeout)));
+    port.set_write_timeout(Some(std::time::Duration::from_secs_f64(a.timeout)));
+    let mut client = Client::new(port);
+    let why = |e: ClientError<crate::serve::port::PortError>| match e {
+        ClientError::Io(e) => anyhow::anyhow!("the serial line failed: {e}"),
+        ClientError::Closed => anyhow::anyhow!("the server closed the line"),
+        ClientError::Frame(e) => anyhow::anyhow!("the server sent a {}", e.describe()),
+        ClientError::Server(r) => anyhow::anyhow!("the server refused: {:?}: {}", r.code, r.detail),
+        ClientError::Unexpected(r) => anyhow::anyhow!("unexpected answer from the server: {r:?}"),
+    };
+    if a.ping {
+        let t0 = std::time::Instant::now();
+        client.ping(0x5155_494c).map_err(why)?;
+        println!("pong in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    }
+    if a.info {
+        let i = client.info().map_err(why)?;
+        println!(
+            "{} ({} weights), context {} tokens ({} in use), vocabulary {}, protocol {}, prompts up to {} bytes",
+            i.model, i.weights, i.context, i.context_used, i.vocab, i.protocol, i.max_prompt
+        );
+    }
+    if a.reset {
+        client.send(&quill_protocol::Request::Reset).map_err(why)?;
+        match client.recv().map_err(why)? {
+            quill_protocol::Response::ResetDone => {}
+            other => bail!("unexpected answer to Reset: {other:?}"),
+        }
+    }
+    let Some(prompt) = a.prompt else {
+        if a.ping || a.info || a.reset {
+            return Ok(());
+        }
+        bail!("give a prompt, or --ping, --info or --reset");
+    };
+    if prompt.len() > quill_protocol::MAX_PROMPT {
+        bail!(
+            "the prompt is {} bytes; the protocol carries at most {} (quill_protocol::MAX_PROMPT)",
+            prompt.len(),
+            quill_protocol::MAX_PROMPT
+        );
+    }
+    let req = Generate {
+        id: 1,
+        prompt: truncated(&prompt),
+        chat: a.chat,
+        sampling: Sampling {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: None,
+            repeat_penalty: None,
+            seed: a.seed,
+        },
+    };
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    let done = client
+        .generate(req, |t| {
+            if a.json {
+                text.push_str(t);
+            } else {
+                let _ = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush());
+            }
+            true
+        })
+        .map_err(why)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "text": text,
+                "finish": format!("{:?}", done.finish),
+                "prompt_tokens": done.prompt_tokens,
+                "generated_tokens": done.generated_tokens,
+                "prefill_ms": done.prefill_ms,
+                "decode_ms": done.decode_ms,
+                "context_used": done.context_used,
+                "context": done.context,
+            })
+        );
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "[{:?}: {} prompt tokens in {} ms, {} tokens in {} ms; context {}/{}]",
+            done.finish,
+            done.prompt_tokens,
+            done.prefill_ms,
+            done.generated_tokens,
+            done.decode_ms,
+            done.context_used,
+            done.context
         );
     }
     Ok(())

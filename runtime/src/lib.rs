@@ -14,6 +14,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod sampler;
+pub mod serve;
 pub mod stop;
 pub mod tokenizer;
 
