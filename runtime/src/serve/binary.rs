@@ -162,7 +162,10 @@ fn generate<B: Backend, L: OutputPin, P: Port>(
             }
             input.poll(port)?;
             let mut flow = Flow::Continue;
-            while let Some(b) = input.pop() {
+            // After a cancel, what follows waits for the main loop.
+            while flow == Flow::Continue
+                && let Some(b) = input.pop()
+            {
                 match feed(decoder, b) {
                     None => {}
                     Some(Err(e)) => {

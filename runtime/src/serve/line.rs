@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn editing_keys() {
-        let (lines, edits) = type_bytes(b"helo\x7f\x7flo\r");
+        let (lines, edits) = type_bytes(b"helo\x7f\x7fllo\r");
         assert_eq!(lines[0].as_deref(), Ok("hello"));
         assert_eq!(edits.iter().filter(|e| **e == Edit::Erase(1)).count(), 2);
         let (lines, _) = type_bytes(b"junk\x15ok\r");

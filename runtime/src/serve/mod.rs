@@ -22,6 +22,9 @@ pub mod line;
 pub mod port;
 pub mod text;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 use embedded_hal::digital::OutputPin;
@@ -86,17 +89,30 @@ impl Input {
         Ok(self.queue.pop_front())
     }
 
-    /// Queues whatever the line has ready, without waiting.
+    /// Queues whatever the line has ready and the queue has room for, without waiting.
     pub(crate) fn poll<P: Port>(&mut self, port: &mut P) -> Result<(), P::Error> {
         let mut buf = [0u8; 256];
-        while port.read_ready()? {
-            let n = port.read(&mut buf)?;
+        loop {
+            let room = self.queue.capacity() - self.queue.len();
+            if room == 0 || !port.read_ready()? {
+                return Ok(());
+            }
+            let n = port.read(&mut buf[..room.min(256)])?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             self.push_all(&buf[..n]);
         }
-        Ok(())
+    }
+
+    /// Drops everything queued, counting it as lost.
+    pub(crate) fn drop_all(&mut self) {
+        self.lost += self.queue.len();
+        self.queue.clear();
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.queue.is_full()
     }
 
     pub(crate) fn pop(&mut self) -> Option<u8> {

@@ -206,6 +206,10 @@ fn reply<B: Backend, L: OutputPin, P: Port>(
             }
             return Flow::Cancel;
         }
+        // A flood of type-ahead (or noise) must not hide a later Ctrl-C.
+        if input.is_full() {
+            input.drop_all();
+        }
         Flow::Continue
     });
     if let Some(e) = failure {
