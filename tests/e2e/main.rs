@@ -11,6 +11,7 @@ mod golden;
 mod onnxruntime;
 mod parity;
 mod quant;
+mod serve;
 mod support;
 mod tokenizer;
 

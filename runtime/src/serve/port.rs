@@ -337,6 +337,11 @@ impl embedded_io::ReadReady for FdPort {
             return Ok(true);
         }
         if r & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            // The end of stdin is not a peer going away: what was sent is still answered, and
+            // the next read reports the end.
+            if self.line == Line::Stdio {
+                return Ok(false);
+            }
             return Err(gone(io::Error::from_raw_os_error(libc::EIO)));
         }
         Ok(false)
