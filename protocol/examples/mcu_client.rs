@@ -96,6 +96,14 @@ pub extern "C" fn quill_ask() -> u32 {
     }
 }
 
+/// The entry point the linker looks for (a real firmware's runtime crate provides its own).
+#[cfg(target_os = "none")]
+#[unsafe(no_mangle)]
+pub extern "C" fn _start() -> ! {
+    quill_ask();
+    loop {}
+}
+
 #[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
