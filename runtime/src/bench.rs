@@ -153,6 +153,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 verify: true,
                 quill_kernels: opts.quill_kernels,
                 return_memory: true,
+                context: None,
             },
         )?;
         load.push(t0.elapsed().as_secs_f64());

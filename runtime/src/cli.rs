@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::board::{Board, MemoryEstimate};
 use crate::bundle::{self, Bundle};
 use crate::chat::ChatFormat;
 use crate::generate::{GenerateOptions, Generator, Stats, StopReason, TokenBuf};
@@ -198,12 +199,30 @@ pub struct ModelArgs {
     /// Model bundle directory [default: $QUILL_MODEL or models/bundles/smollm2-135m-instruct-int8]
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// Threads for tract's matrix products
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
+    /// Threads for tract's matrix products [default: the board's, else 1]
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Leave int8 matrix products to tract's kernels instead of quill's (for comparisons)
     #[arg(long)]
     pub tract_kernels: bool,
+    /// The board quill runs on (rpi-zero-2w, rpi3, rpi4, rpi5, jetson-nano, jetson-orin-nano, or
+    /// a board file): default threads and context, and a bundle that does not fit its memory
+    /// budget is refused [default: $QUILL_BOARD]
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Most tokens a conversation holds (the KV cache grows with each) [default: the board's,
+    /// else the bundle's]
+    #[arg(long)]
+    pub context: Option<usize>,
+}
+
+/// What `ModelArgs` resolve to once the board is read and the bundle's needs checked.
+#[derive(Debug)]
+pub struct Resolved {
+    pub dir: PathBuf,
+    pub board: Option<Board>,
+    pub options: LoadOptions,
+    pub estimate: MemoryEstimate,
 }
 
 impl ModelArgs {
@@ -212,19 +231,81 @@ impl ModelArgs {
             .clone()
             .unwrap_or_else(bundle::default_bundle_dir)
     }
-    fn load(&self) -> Result<Model> {
-        if self.threads == 0 {
+
+    fn board(&self) -> Result<Option<Board>> {
+        let name = self
+            .board
+            .clone()
+            .or_else(|| std::env::var("QUILL_BOARD").ok().filter(|b| !b.is_empty()));
+        Ok(match name {
+            Some(n) => Some(Board::load(&n)?),
+            None => None,
+        })
+    }
+
+    /// Reads the board and the bundle's manifest, and refuses a bundle that does not fit the
+    /// board's memory budget, before anything large is loaded.
+    pub fn resolve(&self) -> Result<Resolved> {
+        let dir = self.dir();
+        let board = self.board()?;
+        let threads = self
+            .threads
+            .or(board.as_ref().map(|b| b.threads))
+            .unwrap_or(1);
+        if threads == 0 {
             bail!("--threads must be at least 1");
         }
-        Ok(Model::load(
-            &self.dir(),
-            &LoadOptions {
-                threads: self.threads,
+        if self.context == Some(0) {
+            bail!("--context must be at least 1 token");
+        }
+        let manifest = Bundle::open_unverified(&dir)?.manifest;
+        let context = self
+            .context
+            .or(board.as_ref().map(|b| b.context))
+            .unwrap_or(manifest.context_length)
+            .min(manifest.context_length);
+        let estimate = MemoryEstimate::of(&manifest, context);
+        if let Some(b) = &board
+            && estimate.total() > b.budget_bytes()
+        {
+            // The longest context that would fit, if any.
+            let per_token = MemoryEstimate::of(&manifest, 1).kv_cache.max(1);
+            let fixed = estimate.weights + estimate.working;
+            let fits = b.budget_bytes().saturating_sub(fixed) / per_token;
+            let advice = if fits >= 256 {
+                format!("run with --context {fits} or less, or ")
+            } else {
+                String::new()
+            };
+            bail!(
+                "{} needs about {estimate} but the {} board's memory budget is {} MB; \
+                 {advice}use a smaller bundle: the board recommends preset `{}` ({}), \
+                 e.g. `cargo xtask export --quant {}`",
+                manifest.name,
+                b.name,
+                b.memory_budget_mb,
+                b.bundle.preset,
+                b.bundle.quant,
+                b.bundle.quant,
+            );
+        }
+        Ok(Resolved {
+            dir,
+            options: LoadOptions {
+                threads,
                 verify: true,
                 quill_kernels: !self.tract_kernels,
                 return_memory: true,
+                context: Some(context),
             },
-        )?)
+            board,
+            estimate,
+        })
+    }
+
+    fn load(&self) -> Result<Model> {
+        let r = self.resolve()?;
+        Ok(Model::load(&r.dir, &r.options)?)
     }
 }
 
@@ -399,9 +480,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &opts,
     )?;
     let (reason, stats, json) = stream(&mut gen_, a.json, opts.sampling.seed)?;
+    drop(gen_);
     match json {
         Some(mut v) => {
             v["model"] = json!(model.manifest().name);
+            // The generated ids (an end-of-sequence token included), for comparing runs.
+            v["tokens"] = json!(history[ids.len()..]);
             v["load_ms"] = json!(model.load_time.as_secs_f64() * 1e3);
             println!("{v}");
         }
@@ -582,6 +666,40 @@ fn info(a: InfoArgs) -> Result<()> {
             f.name, f.bytes, f.crc32
         );
     }
+    let board = a.model.board()?;
+    let context = a
+        .model
+        .context
+        .or(board.as_ref().map(|b| b.context))
+        .unwrap_or(m.context_length)
+        .min(m.context_length);
+    let estimate = MemoryEstimate::of(m, context);
+    println!("memory        about {estimate}");
+    if let Some(b) = board {
+        let threads = a.model.threads.unwrap_or(b.threads);
+        println!(
+            "board         {}: {} × {} ({}), {} threads, {} MB RAM, budget {} MB: {}",
+            b.name,
+            b.cores,
+            b.cpu.model,
+            b.cpu.features.join(", "),
+            threads,
+            b.ram_mb,
+            b.memory_budget_mb,
+            if estimate.total() <= b.budget_bytes() {
+                "fits".to_owned()
+            } else {
+                format!(
+                    "DOES NOT FIT; the board recommends preset `{}` ({})",
+                    b.bundle.preset, b.bundle.quant
+                )
+            }
+        );
+        println!(
+            "serial        {} at {} baud",
+            b.serial.device, b.serial.baud
+        );
+    }
     Ok(())
 }
 
@@ -594,18 +712,16 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    if a.model.threads == 0 {
-        bail!("--threads must be at least 1");
-    }
+    let resolved = a.model.resolve()?;
     let opts = crate::bench::BenchOptions {
-        threads: a.model.threads,
+        threads: resolved.options.threads,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         runs: a.runs,
         profile: a.profile,
         quill_kernels: !a.model.tract_kernels,
     };
-    let report = crate::bench::run(&a.model.dir(), &opts)?;
+    let report = crate::bench::run(&resolved.dir, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -625,15 +741,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     })?;
     let model = a.model.load()?;
     let other = match &a.against {
-        Some(dir) => Some(Model::load(
-            dir,
-            &LoadOptions {
-                threads: a.model.threads,
-                verify: true,
-                quill_kernels: !a.model.tract_kernels,
-                return_memory: true,
-            },
-        )?),
+        Some(dir) => Some(Model::load(dir, &a.model.resolve()?.options)?),
         None => None,
     };
     let opts = crate::eval::EvalOptions {

@@ -41,6 +41,8 @@ pub struct Int8Linear {
     /// `(n/16, k/4, 16, 4)`, see the module docs.
     packed: Arc<Vec<i8>>,
     /// `128 · Σₖ W[k][j]` per output channel j.
+    // Read only by the x86-64 kernel; elsewhere the op is never installed.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offset: Arc<Vec<i32>>,
 }
 
@@ -279,6 +281,7 @@ impl Int8Linear {
 }
 
 /// A raw output pointer shared by the threads of one product, each writing its own columns.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct SendPtr(*mut i32);
 // SAFETY: only used to hand disjoint column ranges of one buffer to scoped threads.
 unsafe impl Sync for SendPtr {}

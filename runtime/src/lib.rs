@@ -5,6 +5,7 @@
 //! and printing text through a [`stop::StopMatcher`]. [`chat`] renders conversations.
 
 pub mod bench;
+pub mod board;
 pub mod bundle;
 pub mod chat;
 pub mod cli;

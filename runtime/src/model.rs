@@ -63,6 +63,9 @@ pub struct LoadOptions {
     /// Have the C allocator return the load's temporary copies of the weights to the system
     /// (glibc only; changes a process-wide allocator setting, see `set_mmap_threshold`).
     pub return_memory: bool,
+    /// Most tokens a session holds (default: the bundle's context). A board with little memory
+    /// uses less: the KV cache grows with every token.
+    pub context: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -72,6 +75,7 @@ impl Default for LoadOptions {
             verify: true,
             quill_kernels: true,
             return_memory: true,
+            context: None,
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct Model {
     pub load_time: Duration,
     /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
     pub quill_kernel_ops: usize,
+    /// Most tokens a session holds: the bundle's context, or less ([`LoadOptions::context`]).
+    pub context: usize,
 }
 
 /// The part of a model a generator needs: one step of the decoder.
@@ -152,12 +158,16 @@ impl Model {
             path: graph.clone(),
             reason: format!("{e:#}"),
         })?;
+        let context = opts.context.map_or(bundle.manifest.context_length, |c| {
+            c.min(bundle.manifest.context_length)
+        });
         Ok(Model {
             bundle,
             tokenizer,
             plan,
             load_time: t0.elapsed(),
             quill_kernel_ops,
+            context,
         })
     }
 
@@ -167,7 +177,7 @@ impl Model {
 
     /// A new, empty sequence.
     pub fn session(&self) -> Result<Session, GenerateError> {
-        Session::new(self.plan.clone(), self.manifest())
+        Session::new(self.plan.clone(), self.manifest(), self.context)
     }
 
     /// The optimized tract model, for inspection.
@@ -259,13 +269,13 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(plan: Arc<Plan>, m: &Manifest) -> Result<Session, GenerateError> {
+    fn new(plan: Arc<Plan>, m: &Manifest, context: usize) -> Result<Session, GenerateError> {
         let state = plan.spawn()?;
         Ok(Session {
             plan,
             state,
             len: 0,
-            context: m.context_length,
+            context,
             vocab: m.config.vocab_size,
             logits: vec![0.0; m.config.vocab_size],
             one_token: Arc::new(Tensor::zero::<i64>(&[1, 1])?),

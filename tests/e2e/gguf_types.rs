@@ -92,6 +92,7 @@ fn other_tensor_types_are_read_back_faithfully() {
 fn a_requantized_teacher_exports_and_answers() {
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("teacher-q8_0");
     xtask::export::export(&ExportOptions {
+        blocks: None,
         teacher: convert("Q8_0"),
         out_dir: out_dir.clone(),
         name: "teacher-q8_0".into(),

@@ -162,6 +162,7 @@ fn rotations_leave_the_float_model_unchanged() {
     let mut quant = QuantOptions::f32();
     quant.rotation = Rotation::ALL;
     xtask::export::export(&ExportOptions {
+        blocks: None,
         teacher: crate::support::teacher().to_owned(),
         out_dir: dir.clone(),
         name: "teacher-f32-rotated".into(),

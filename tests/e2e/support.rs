@@ -63,6 +63,7 @@ pub fn bundle_dir() -> &'static Path {
     B.get_or_init(|| {
         let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("teacher-f32");
         xtask::export::export(&ExportOptions {
+            blocks: None,
             teacher: teacher().to_owned(),
             out_dir: out_dir.clone(),
             name: "teacher-f32".into(),
@@ -86,6 +87,7 @@ pub fn quant_bundle_dir(format: WeightFormat) -> &'static Path {
         let name = format!("teacher-{}", format.name());
         let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&name);
         xtask::export::export(&ExportOptions {
+            blocks: None,
             teacher: teacher().to_owned(),
             out_dir: out_dir.clone(),
             name,

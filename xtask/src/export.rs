@@ -34,7 +34,7 @@ use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
 
 use crate::calibrate::Hessians;
 use crate::gguf::Gguf;
-use crate::llama::{LlamaWeights, Matrix};
+use crate::llama::{Block, LlamaWeights, Matrix};
 use crate::onnx::{Attr, Dim, Elem, GraphBuilder};
 use crate::quant::{self, KronOrthogonal, Rotation};
 use crate::tokenizer_export;
@@ -118,6 +118,9 @@ pub struct ExportOptions {
     pub out_dir: PathBuf,
     pub name: String,
     pub quant: QuantOptions,
+    /// Keep only these blocks of the checkpoint, in this order (a pruned, unhealed student;
+    /// the cross-build tests use two blocks as a small real model). `None`: all of them.
+    pub blocks: Option<Vec<usize>>,
 }
 
 /// The default bundle name for a format: `smollm2-135m-instruct-<format>`.
@@ -137,6 +140,19 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         weights.config.n_params() as f64 / 1e6,
         t0.elapsed().as_secs_f32()
     );
+    if let Some(keep) = &opts.blocks {
+        let n = weights.blocks.len();
+        anyhow::ensure!(
+            !keep.is_empty() && keep.windows(2).all(|w| w[0] < w[1]) && keep.iter().all(|&b| b < n),
+            "blocks to keep must be increasing indices below {n}, got {keep:?}"
+        );
+        let mut all: Vec<Option<Block>> = std::mem::take(&mut weights.blocks)
+            .into_iter()
+            .map(Some)
+            .collect();
+        weights.blocks = keep.iter().filter_map(|&b| all[b].take()).collect();
+        weights.config.n_layers = keep.len();
+    }
     let tokenizer = tokenizer_export::from_gguf(&g)?;
     let source_sha256 = crate::fetch::sha256_file(&opts.teacher)?;
     let source_bytes = fs::metadata(&opts.teacher)?.len();

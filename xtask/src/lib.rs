@@ -3,11 +3,13 @@
 //! graph).
 
 pub mod calibrate;
+pub mod cross;
 pub mod export;
 pub mod fetch;
 pub mod gguf;
 pub mod llama;
 pub mod onnx;
+pub mod preset;
 pub mod quant;
 pub mod reference;
 pub mod text;

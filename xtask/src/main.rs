@@ -53,7 +53,90 @@ enum Cmd {
         /// training text (not the held-out text) [default: calibration-free]
         #[arg(long, value_name = "WINDOWS")]
         calibrate: Option<usize>,
+        /// Keep only these blocks of the checkpoint (comma list of indices, increasing): a
+        /// pruned model without healing, for tests and studies [default: all]
+        #[arg(long, value_delimiter = ',')]
+        blocks: Option<Vec<usize>>,
     },
+    /// Install what cross builds need (Debian's Rust 1.96 with the arm64 std, std sources for
+    /// armv7, gcc cross linkers, qemu-user); does nothing when they are there
+    SetupCross,
+    /// Cross-build the quill binary in release for a board (boards/NAME.toml)
+    Build {
+        #[arg(long)]
+        board: String,
+        /// The board's 32-bit target (armv7, for 32-bit Raspberry Pi OS)
+        #[arg(long)]
+        bits32: bool,
+    },
+    /// Run the board's quill under qemu with its CPU: `cargo xtask emulate --board rpi4 -- quill info`
+    Emulate {
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        bits32: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check that greedy generation under qemu (aarch64 without and with dotprod, armv7) gives
+    /// the same tokens as on this machine, on a small int8 model
+    CrossCheck {
+        /// Tokens to generate per prompt
+        #[arg(long, default_value_t = 12)]
+        tokens: usize,
+    },
+    /// Write a deployable tarball for a board: binary, model bundle, board file, systemd unit,
+    /// install script
+    Bundle {
+        #[arg(long)]
+        board: String,
+        /// A build preset (models/presets/NAME.toml) [default: the board's recommendation]
+        #[arg(long)]
+        preset: Option<String>,
+        /// Output directory [default: target/boards]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The board's 32-bit build (armv7, for 32-bit Raspberry Pi OS)
+        #[arg(long)]
+        bits32: bool,
+    },
+    /// Copy a board's tarball to a board over ssh and install it there
+    Deploy {
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        preset: Option<String>,
+        /// user@address of the board (with sudo rights)
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        bits32: bool,
+    },
+}
+
+/// A board and the text of its file (built in, or a path).
+fn board(name: &str) -> Result<(quill::board::Board, String)> {
+    let b = quill::board::Board::load(name)?;
+    let text = match quill::board::BUILTIN.iter().find(|(n, _)| *n == name) {
+        Some((_, t)) => (*t).to_owned(),
+        None => std::fs::read_to_string(name)?,
+    };
+    Ok((b, text))
+}
+
+fn board_bundle(
+    name: &str,
+    bits32: bool,
+    preset: Option<String>,
+    out: Option<PathBuf>,
+) -> Result<PathBuf> {
+    let (b, text) = board(name)?;
+    let preset = xtask::preset::Preset::load(preset.as_deref().unwrap_or(&b.bundle.preset))?;
+    let model = preset.bundle()?;
+    let out = out.unwrap_or_else(|| xtask::workspace_root().join("target").join("boards"));
+    let tarball = xtask::cross::bundle(&b, bits32, &text, &model, &out)?;
+    println!("{}", tarball.display());
+    Ok(tarball)
 }
 
 fn main() -> Result<()> {
@@ -75,6 +158,7 @@ fn main() -> Result<()> {
             keep_float,
             weights_only,
             calibrate,
+            blocks,
         } => {
             let mut q = QuantOptions::new(quant);
             if let Some(r) = rotate {
@@ -104,7 +188,50 @@ fn main() -> Result<()> {
                 out_dir,
                 name,
                 quant: q,
+                blocks,
             })?;
+        }
+        Cmd::SetupCross => xtask::cross::setup()?,
+        Cmd::Build {
+            board: name,
+            bits32,
+        } => {
+            let (b, _) = board(&name)?;
+            let target = if bits32 {
+                b.target_32bit.clone().ok_or_else(|| {
+                    anyhow::anyhow!("{} has no 32-bit target in its board file", b.name)
+                })?
+            } else {
+                b.target.clone()
+            };
+            println!("{}", xtask::cross::build(&target)?.display());
+        }
+        Cmd::Emulate {
+            board: name,
+            bits32,
+            args,
+        } => {
+            let (b, _) = board(&name)?;
+            let status = xtask::cross::emulate(&b, bits32, &args)?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::CrossCheck { tokens } => xtask::cross::cross_check(tokens)?,
+        Cmd::Bundle {
+            board,
+            preset,
+            out,
+            bits32,
+        } => {
+            board_bundle(&board, bits32, preset, out)?;
+        }
+        Cmd::Deploy {
+            board,
+            preset,
+            host,
+            bits32,
+        } => {
+            let tarball = board_bundle(&board, bits32, preset, None)?;
+            xtask::cross::deploy(&tarball, &host)?;
         }
     }
     Ok(())

@@ -1,0 +1,66 @@
+//! Build presets (`models/presets/NAME.toml`): which bundle a board gets.
+//!
+//! A preset names the weight format and calibration of a bundle; the distillation step
+//! (issue #4) adds its student and budget to the same files.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::export::{self, ExportOptions, QuantOptions, WeightFormat};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Preset {
+    pub name: String,
+    pub description: String,
+    pub quant: String,
+    #[serde(default)]
+    pub calibrate: usize,
+}
+
+impl Preset {
+    pub fn load(name: &str) -> Result<Preset> {
+        let path = crate::workspace_root()
+            .join("models/presets")
+            .join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no preset `{name}`: cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{} is not a valid preset", path.display()))
+    }
+
+    fn format(&self) -> Result<WeightFormat> {
+        Ok(match self.quant.as_str() {
+            "int8" => WeightFormat::Int8,
+            "f16" => WeightFormat::F16,
+            "f32" => WeightFormat::F32,
+            other => anyhow::bail!(
+                "preset {}: quant must be int8, f16 or f32, got {other}",
+                self.name
+            ),
+        })
+    }
+
+    /// The preset's bundle under `models/bundles/`, exported now if it is not there yet.
+    pub fn bundle(&self) -> Result<PathBuf> {
+        let format = self.format()?;
+        let mut quant = QuantOptions::new(format);
+        let mut name = export::default_name(format);
+        if self.calibrate > 0 {
+            quant.calibrate = Some(self.calibrate);
+            name.push_str("-gptq");
+        }
+        let dir = export::default_out_dir(&crate::workspace_root(), &name);
+        if quill::bundle::Bundle::open(&dir).is_ok() {
+            return Ok(dir);
+        }
+        export::export(&ExportOptions {
+            teacher: crate::fetch::teacher()?,
+            out_dir: dir.clone(),
+            name,
+            quant,
+            blocks: None,
+        })?;
+        Ok(dir)
+    }
+}
