@@ -141,3 +141,89 @@ fn a_bundle_over_the_budget_is_refused_with_the_numbers() {
         "{info}"
     );
 }
+
+#[test]
+fn a_board_tarball_holds_binary_model_profile_unit_and_installer() {
+    // The cross-built binary comes from `cargo xtask bundle` in CI; here the host binary stands
+    // in for it, so that the packaging itself is tested with every `cargo test`.
+    let int8 = quant_bundle_dir(WeightFormat::Int8);
+    let (name, text) = quill::board::BUILTIN
+        .iter()
+        .find(|(n, _)| *n == "rpi5")
+        .unwrap();
+    let board = Board::parse(name, text).unwrap();
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("boards");
+    let tarball = xtask::cross::write_tarball(
+        "quill-rpi5",
+        std::path::Path::new(env!("CARGO_BIN_EXE_quill")),
+        &board,
+        text,
+        int8,
+        &out,
+    )
+    .unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(&tarball).unwrap(),
+    ));
+    let mut files = std::collections::BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut e = entry.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mode = e.header().mode().unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        files.insert(path, (mode, bytes));
+    }
+    for f in [
+        "bin/quill",
+        "model/manifest.json",
+        "model/model.onnx",
+        "model/model.onnx.data",
+        "model/tokenizer.json",
+        "board.toml",
+        "quill-serial.service",
+        "install.sh",
+        "README.txt",
+    ] {
+        assert!(
+            files.contains_key(&format!("quill-rpi5/{f}")),
+            "quill-rpi5/{f} missing: {:?}",
+            files.keys()
+        );
+    }
+    assert_eq!(files["quill-rpi5/bin/quill"].0, 0o755);
+    assert_eq!(files["quill-rpi5/install.sh"].0, 0o755);
+    let unit = String::from_utf8(files["quill-rpi5/quill-serial.service"].1.clone()).unwrap();
+    for want in [
+        "ExecStart=/opt/quill/bin/quill serve --serial /dev/serial0 --baud 115200 --board /opt/quill/board.toml --model /opt/quill/model",
+        "DeviceAllow=/dev/serial0 rw",
+        "MemoryMax=2560M",
+        "User=quill",
+        "After=dev-serial0.device",
+    ] {
+        assert!(
+            unit.lines().any(|l| l == want),
+            "{want:?} missing from the unit:\n{unit}"
+        );
+    }
+    // The model in the tarball is the bundle, byte for byte, and its board file is the board's.
+    let weights = std::fs::read(int8.join("model.onnx.data")).unwrap();
+    assert!(files["quill-rpi5/model/model.onnx.data"].1 == weights);
+    assert_eq!(files["quill-rpi5/board.toml"].1, text.as_bytes());
+    // A model over the board's budget is not packaged.
+    let zero = Board::load("rpi-zero-2w").unwrap();
+    let err = xtask::cross::write_tarball(
+        "z",
+        std::path::Path::new(env!("CARGO_BIN_EXE_quill")),
+        &zero,
+        "",
+        bundle_dir(),
+        &out,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("over the rpi-zero-2w board's budget of 320 MB"),
+        "{err}"
+    );
+}

@@ -101,12 +101,23 @@ pub fn setup() -> Result<()> {
         println!("setup-cross: enabling the arm64 architecture in dpkg (for the aarch64 std)");
         run(privileged("dpkg").args(["--add-architecture", "arm64"]))?;
     }
-    // A mirror caught mid-sync can fail one index; the install below says if it mattered.
-    let _ = privileged("apt-get").args(["update", "-qq"]).status();
-    run(privileged("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(missing.iter().map(|(p, _)| *p)))?;
+    // A mirror caught mid-sync can fail an index (apt then drops that whole suite, and the
+    // arm64 std it holds): refresh and try again a few times before giving up.
+    for attempt in 1..=3 {
+        let _ = privileged("apt-get").args(["update", "-qq"]).status();
+        let installed = run(privileged("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(missing.iter().map(|(p, _)| *p)));
+        match installed {
+            Ok(()) => break,
+            Err(e) if attempt == 3 => return Err(e),
+            Err(e) => {
+                eprintln!("setup-cross: {e:#}; retrying in 30 s (attempt {attempt} of 3)");
+                std::thread::sleep(std::time::Duration::from_secs(30));
+            }
+        }
+    }
     check_toolchain()
 }
 
@@ -140,7 +151,9 @@ fn builds_std(target: &str) -> bool {
 /// The quill binary cross-built for `target` (built now).
 pub fn build(target: &str) -> Result<PathBuf> {
     let root = workspace();
-    let target_dir = root.join("target").join("cross");
+    // One target directory per target: -Zbuild-std changes how the build scripts and proc
+    // macros are built, and a shared directory would rebuild everything at each switch.
+    let target_dir = root.join("target").join("cross").join(target);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
@@ -164,6 +177,7 @@ pub fn build(target: &str) -> Result<PathBuf> {
         .args(["--config", "profile.release.debug=false"])
         .args(["--config", "profile.release.strip=true"]);
     if builds_std(target) {
+        // Debian ships no armv7 std that matches its 1.96 compiler: build it from rust-web-src.
         cmd.env("RUSTC_BOOTSTRAP", "1")
             .arg("-Zbuild-std=std,panic_abort");
     }
@@ -316,14 +330,18 @@ pub fn cross_check(tokens: usize) -> Result<()> {
         (Board::load("rpi5")?, false, "Cortex-A76, dotprod"),
         (Board::load("rpi4")?, true, "armv7, Cortex-A15"),
     ];
+    let mut builds = Vec::new();
+    for (board, bits32, what) in &runs {
+        let e = Emulation::of(board, *bits32)?;
+        let binary = build(&e.target)?;
+        builds.push((e, binary, what));
+    }
     let mut failures = Vec::new();
     for prompt in prompts {
         let golden = greedy_tokens(Command::new(&host), &model, prompt, tokens)?;
         println!("cross-check: x86-64 {prompt:?} → {golden:?}");
-        for (board, bits32, what) in &runs {
-            let e = Emulation::of(board, *bits32)?;
-            let binary = build(&e.target)?;
-            let got = greedy_tokens(e.command(&binary), &model, prompt, tokens)?;
+        for (e, binary, what) in &builds {
+            let got = greedy_tokens(e.command(binary), &model, prompt, tokens)?;
             let same = got == golden;
             println!(
                 "cross-check: {} -cpu {} ({what}) {}",
@@ -410,6 +428,18 @@ pub fn bundle(
     let target = Emulation::of(board, bits32)?.target;
     let binary = build(&target)?;
     let top = format!("quill-{}{}", board.name, if bits32 { "-armv7" } else { "" });
+    write_tarball(&top, &binary, board, board_file, model, out_dir)
+}
+
+/// Writes `<top>.tar.gz` into `out_dir` from a built binary (see [`bundle`]).
+pub fn write_tarball(
+    top: &str,
+    binary: &Path,
+    board: &Board,
+    board_file: &str,
+    model: &Path,
+    out_dir: &Path,
+) -> Result<PathBuf> {
     let tarball = out_dir.join(format!("{top}.tar.gz"));
     fs::create_dir_all(out_dir)?;
     let partial = tarball.with_extension("partial");
@@ -431,7 +461,7 @@ pub fn bundle(
     add(
         &mut tar,
         format!("{top}/bin/quill"),
-        &fs::read(&binary)?,
+        &fs::read(binary)?,
         0o755,
     )?;
     let manifest = quill::bundle::Bundle::open(model)
