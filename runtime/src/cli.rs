@@ -802,6 +802,11 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         FdPort::stdio()?
     };
+    // Switched off (and checked) before the server says it is ready.
+    let led = match &a.status_led {
+        Some(path) => Some(led::FileLed::open(path)?),
+        None => None,
+    };
     let model = a.model.load()?;
     let name = model.manifest().name.clone();
     let backend = ModelBackend::new(model, a.system.clone())?;
@@ -843,15 +848,9 @@ fn serve(a: ServeArgs) -> Result<()> {
             }
         );
     }
-    match &a.status_led {
-        Some(path) => {
-            let mut c = Console::new(
-                backend,
-                led::FileLed::open(path)?,
-                opts,
-                a.sampling.seed,
-                mode,
-            );
+    match led {
+        Some(led) => {
+            let mut c = Console::new(backend, led, opts, a.sampling.seed, mode);
             c.verbose = !a.quiet;
             crate::serve::serve(&mut c, port, timeout)
         }

@@ -61,9 +61,9 @@ impl FileLed {
     }
 
     fn write(&mut self, v: &[u8]) -> std::io::Result<()> {
+        // No truncation: sysfs files do not take it, and a reader never sees an empty file.
         OpenOptions::new()
             .write(true)
-            .truncate(true)
             .open(&self.path)?
             .write_all(v)
     }

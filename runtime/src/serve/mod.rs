@@ -254,8 +254,7 @@ pub fn serve<B: Backend, L: OutputPin>(
                 console.log(format_args!("{why}; waiting for the next peer"));
                 match port.line.clone() {
                     Line::Stdio => return Ok(()),
-                    // What the last peer sent and nobody read, and what it left unread, is
-                    // not for the next one.
+                    // What the last peer left unread is not for the next one.
                     Line::Pty { .. } => port.discard_pending(),
                     Line::Serial { path, baud, rtscts } => {
                         // The adapter may have been unplugged: reopen it when it is back.

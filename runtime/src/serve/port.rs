@@ -311,10 +311,11 @@ impl FdPort {
         }
     }
 
-    /// Drops bytes in flight in both directions (left over from the previous peer).
+    /// Drops output the previous peer left unread. Input is kept: a new peer may already have
+    /// opened the line and sent its first request before the server saw the old one go.
     pub fn discard_pending(&self) {
         // SAFETY: valid fd.
-        unsafe { libc::tcflush(self.read_fd.as_raw_fd(), libc::TCIOFLUSH) };
+        unsafe { libc::tcflush(self.read_fd.as_raw_fd(), libc::TCOFLUSH) };
     }
 
     /// Waits until a peer is there (see [`FdPort::peer_present`]).
