@@ -64,3 +64,21 @@ impl Preset {
         Ok(dir)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_board_recommends_a_preset_that_exists() {
+        for (name, text) in quill::board::BUILTIN {
+            let board = quill::board::Board::parse(name, text).unwrap();
+            let p = Preset::load(&board.bundle.preset).unwrap();
+            assert_eq!(p.name, board.bundle.preset);
+            assert_eq!(p.quant, board.bundle.quant);
+            assert!(p.format().is_ok());
+        }
+        let e = Preset::load("nope").unwrap_err().to_string();
+        assert!(e.contains("no preset `nope`"), "{e}");
+    }
+}
