@@ -159,59 +159,7 @@ impl Bundle {
             path: path.clone(),
             source,
         })?;
-        // Check the format and version before the full schema, so an old or foreign manifest
-        // gets a message about its version rather than about a missing field.
-        let header: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| BundleError::BadManifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let format = header.get("format").and_then(|v| v.as_str()).unwrap_or("");
-        if format != FORMAT {
-            return Err(BundleError::BadManifest {
-                path,
-                reason: format!("\"format\" is {format:?}, expected {FORMAT:?}"),
-            });
-        }
-        let version = header.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != MANIFEST_VERSION as u64 {
-            return Err(BundleError::UnsupportedVersion {
-                path,
-                found: version,
-                supported: MANIFEST_VERSION,
-            });
-        }
-        let manifest: Manifest =
-            serde_json::from_value(header).map_err(|e| BundleError::BadManifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        if manifest.architecture != ARCHITECTURE {
-            return Err(BundleError::WrongArchitecture {
-                path,
-                found: manifest.architecture.clone(),
-                expected: ARCHITECTURE,
-            });
-        }
-        if !WEIGHT_FORMATS.contains(&manifest.weights.as_str()) {
-            return Err(BundleError::BadManifest {
-                path,
-                reason: format!(
-                    "weights {:?} are not supported by this quill (it reads {}); \
-                     re-export the bundle with `cargo xtask export --quant int8`",
-                    manifest.weights,
-                    WEIGHT_FORMATS.join(", ")
-                ),
-            });
-        }
-        for needed in [GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
-            if !manifest.files.iter().any(|f| f.name == needed) {
-                return Err(BundleError::BadManifest {
-                    path,
-                    reason: format!("no entry for {needed}"),
-                });
-            }
-        }
+        let manifest = parse_manifest(&text, &path)?;
         Ok(Bundle {
             dir: dir.to_owned(),
             manifest,
@@ -257,6 +205,65 @@ impl Bundle {
         }
         Ok(())
     }
+}
+
+/// Parses and validates a manifest's text; `path` is where it came from, for the errors.
+pub fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, BundleError> {
+    let path = path.to_owned();
+    // Check the format and version before the full schema, so an old or foreign manifest
+    // gets a message about its version rather than about a missing field.
+    let header: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| BundleError::BadManifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let format = header.get("format").and_then(|v| v.as_str()).unwrap_or("");
+    if format != FORMAT {
+        return Err(BundleError::BadManifest {
+            path,
+            reason: format!("\"format\" is {format:?}, expected {FORMAT:?}"),
+        });
+    }
+    let version = header.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != MANIFEST_VERSION as u64 {
+        return Err(BundleError::UnsupportedVersion {
+            path,
+            found: version,
+            supported: MANIFEST_VERSION,
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_value(header).map_err(|e| BundleError::BadManifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    if manifest.architecture != ARCHITECTURE {
+        return Err(BundleError::WrongArchitecture {
+            path,
+            found: manifest.architecture.clone(),
+            expected: ARCHITECTURE,
+        });
+    }
+    if !WEIGHT_FORMATS.contains(&manifest.weights.as_str()) {
+        return Err(BundleError::BadManifest {
+            path,
+            reason: format!(
+                "weights {:?} are not supported by this quill (it reads {}); \
+                 re-export the bundle with `cargo xtask export --quant int8`",
+                manifest.weights,
+                WEIGHT_FORMATS.join(", ")
+            ),
+        });
+    }
+    for needed in [GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
+        if !manifest.files.iter().any(|f| f.name == needed) {
+            return Err(BundleError::BadManifest {
+                path,
+                reason: format!("no entry for {needed}"),
+            });
+        }
+    }
+    Ok(manifest)
 }
 
 /// The bundle `quill` uses when `--model` is not given: `$QUILL_MODEL`, else
