@@ -227,3 +227,58 @@ fn a_board_tarball_holds_binary_model_profile_unit_and_installer() {
         "{err}"
     );
 }
+
+/// Every board's kiosk unit keeps systemd's exposure rating at 1.0 ("SAFE") or below, runs
+/// unprivileged without network, and is restarted after a crash.
+#[test]
+fn every_boards_unit_is_least_privilege() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("units");
+    for (name, text) in quill::board::BUILTIN {
+        let board = Board::parse(name, text).unwrap();
+        let unit = xtask::cross::systemd_unit(&board).unwrap();
+        for want in [
+            "User=quill",
+            "Restart=on-failure",
+            "StartLimitIntervalSec=0",
+            "PrivateNetwork=yes",
+            "RestrictAddressFamilies=none",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            &format!("MemoryMax={}M", board.memory_budget_mb),
+            &format!("DeviceAllow={} rw", board.serial.device),
+        ] {
+            assert!(
+                unit.lines().any(|l| l == want),
+                "{name}: {want:?} missing from the unit:\n{unit}"
+            );
+        }
+        // systemd-analyze names the unit after the file, so each board gets its own directory.
+        let path = dir.join(name).join("quill-serial.service");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &unit).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze runs (.ci/run installs systemd)");
+        let report = String::from_utf8_lossy(&out.stdout);
+        let exposure: f64 = report
+            .lines()
+            .find_map(|l| {
+                l.split("Overall exposure level for quill-serial.service: ")
+                    .nth(1)
+            })
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: no exposure level in systemd-analyze's report:\n{report}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        assert!(
+            exposure <= 1.0,
+            "{name}: exposure {exposure} is above 1.0; systemd-analyze says:\n{report}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! first use, never skipped). One test binary; shared fixtures live in `support`.
 
 mod alloc;
+mod atomic;
 mod boards;
 mod bundle_errors;
 mod cli;

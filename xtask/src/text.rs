@@ -71,11 +71,9 @@ pub fn shakespeare() -> Result<TextSplit> {
             .collect();
         parts.join("\n\n\n") + "\n"
     };
-    // Written under temporary names, then renamed: a partial split is never mistaken for one.
+    // Written atomically: a partial split is never mistaken for one.
     for (path, text) in [(&split.eval, join(true)), (&split.train, join(false))] {
-        let tmp = path.with_extension(format!("{}.partial", crate::fetch::unique_tag()));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, path)?;
+        quill::atomic::write_file(path, text.as_bytes())?;
     }
     eprintln!(
         "{} works: {} held out for evaluation, {} for training",
