@@ -64,7 +64,8 @@ pub struct ServeArgs {
     /// Serve on standard input and output
     #[arg(long)]
     pub stdio: bool,
-    /// Line speed of --serial (8N1)
+    /// Line speed of --serial (8N1); with --pty, recorded in the terminal's settings only (a PTY
+    /// is not paced)
     #[arg(long, default_value_t = 115200)]
     pub baud: u32,
     /// Hardware flow control (RTS/CTS) on --serial
@@ -798,7 +799,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     let port = if let Some(dev) = &a.serial {
         FdPort::open_serial(dev, a.baud, a.rtscts)?
     } else if a.pty {
-        FdPort::open_pty().context("creating a pseudo-terminal")?
+        FdPort::open_pty(Some(a.baud)).context("creating a pseudo-terminal")?
     } else {
         FdPort::stdio()?
     };
@@ -823,6 +824,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     let timeout =
         (a.write_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(a.write_timeout));
     let opts = a.sampling.options();
+    // SIGTERM and SIGINT from here on end the serve loop cleanly (within a token) and exit 0;
+    // during the load above they end the process the default way.
+    crate::serve::stop::install().context("installing the SIGTERM handler")?;
     match &port.line {
         crate::serve::port::Line::Pty { slave } => {
             // The path alone on stdout, for scripts and tests; the rest on stderr.

@@ -14,6 +14,7 @@ mod onnxruntime;
 mod parity;
 mod quant;
 mod serve;
+mod soak;
 mod support;
 mod tokenizer;
 

@@ -20,16 +20,24 @@ use xtask::export::WeightFormat;
 use crate::support::quant_bundle_dir;
 
 /// A `quill serve --pty` process; killed when dropped.
-struct Server {
-    child: Child,
-    path: PathBuf,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) path: PathBuf,
     stderr: Arc<Mutex<String>>,
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let model = quant_bundle_dir(WeightFormat::Int8);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quill"))
+        Server::start_with(quant_bundle_dir(WeightFormat::Int8), extra)
+    }
+
+    /// `quill serve --pty --model MODEL --temperature 0 EXTRA…`, once it says it is ready.
+    /// `QUILL_BIN` runs another build of quill instead of this one's (a copy that a parallel
+    /// build cannot replace during a long soak, say).
+    pub(crate) fn start_with(model: &Path, extra: &[&str]) -> Server {
+        let bin = std::env::var_os("QUILL_BIN")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_quill")), PathBuf::from);
+        let mut child = Command::new(bin)
             .args(["serve", "--pty", "--model"])
             .arg(model)
             .args(["--temperature", "0"])
@@ -86,7 +94,7 @@ impl Server {
     }
 
     /// Resident memory of the server process, kB.
-    fn rss_kb(&self) -> u64 {
+    pub(crate) fn rss_kb(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
@@ -95,7 +103,7 @@ impl Server {
             .expect("VmRSS in /proc/PID/status")
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 }
@@ -775,4 +783,101 @@ fn serve_opens_serial_devices_and_stdio_and_names_bad_ones() {
     );
     assert!(out.contains("model teacher-int8"), "{out:?}");
     assert!(out.matches("\r\n> ").count() >= 3, "{out:?}");
+}
+
+/// Waits up to `limit` for the server to exit; returns its status and how long it took.
+fn wait_exit(server: &mut Server, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return (status, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "quill serve still runs {limit:?} after the signal; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn signal(server: &Server, sig: libc::c_int) {
+    // SAFETY: a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(server.child.id() as libc::pid_t, sig) },
+        0
+    );
+}
+
+#[test]
+fn sigterm_during_a_reply_ends_serve_cleanly() {
+    // Text mode, in the middle of a long reply.
+    let mut server = Server::start(&[]);
+    let mut t = Term::open(&server.path);
+    t.read_until("\r\n> ");
+    t.command("/set max_tokens 4000");
+    t.send(b"Write a long story about a dragon who lives in a mountain.\r");
+    t.read_until("\r\n");
+    let mut streamed = Vec::new();
+    while streamed.len() < 40 {
+        assert!(!contains(&streamed, b"\r\n> "), "the reply ended early");
+        streamed.extend(t.read_some(Duration::from_millis(100), 16));
+    }
+    signal(&server, libc::SIGTERM);
+    // The requirement is one second; five leave room for a loaded machine.
+    let (status, took) = wait_exit(&mut server, Duration::from_secs(5));
+    eprintln!("SIGTERM mid-reply (text mode): exited in {took:?} with {status}");
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    let log = server.log();
+    assert!(
+        log.contains("stopping on SIGTERM: 1 replies served (1 cancelled); the line is released"),
+        "{log}"
+    );
+    // The line is released: the terminal side sees the hang-up.
+    let mut p = libc::pollfd {
+        fd: t.fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 1000) };
+    assert_ne!(p.revents & libc::POLLHUP, 0, "the PTY is still open");
+
+    // Binary mode, SIGINT in the middle of a generation.
+    let mut server = Server::start(&["--mode", "binary"]);
+    let mut c = client(&server.path);
+    c.send(&Request::Generate(request(
+        1,
+        "Once upon a time",
+        false,
+        4000,
+    )))
+    .unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if let Response::Token { .. } = c.recv().unwrap() {
+            tokens += 1;
+        }
+    }
+    signal(&server, libc::SIGINT);
+    let (status, took) = wait_exit(&mut server, Duration::from_secs(5));
+    eprintln!("SIGINT mid-generation (binary mode): exited in {took:?} with {status}");
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    assert!(
+        server.log().contains("stopping on SIGINT"),
+        "{}",
+        server.log()
+    );
+
+    // No peer at all: the server is waiting for someone to open the terminal.
+    let mut server = Server::start(&[]);
+    signal(&server, libc::SIGTERM);
+    let (status, took) = wait_exit(&mut server, Duration::from_secs(5));
+    eprintln!("SIGTERM while waiting for a peer: exited in {took:?} with {status}");
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    assert!(
+        server.log().contains("stopping on SIGTERM: 0 replies"),
+        "{}",
+        server.log()
+    );
 }

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! **Invariant:** one generation at a time, on this thread; input is polled between tokens, so
-//! Ctrl-C and Cancel stop a generation within one token. Writes block while the line is slower
+//! Ctrl-C, Cancel and a stop signal (SIGTERM, SIGINT: [`stop`]) stop a generation within one
+//! token. Writes block while the line is slower
 //! than the model (output is never dropped), bounded by the write timeout.
 
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod binary;
 pub mod led;
 pub mod line;
 pub mod port;
+pub mod stop;
 pub mod text;
 
 #[cfg(test)]
@@ -52,6 +54,8 @@ pub enum End {
     Eof,
     /// The peer went away or the line failed; the server waits for the next peer.
     PeerGone(String),
+    /// A stop signal arrived (see [`stop`]): the server stops.
+    Stopped,
 }
 
 /// Bytes received and not yet handled, in a fixed queue: what was typed (or sent) while a
@@ -194,7 +198,16 @@ impl<B: Backend, L: OutputPin> Console<B, L> {
         on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<Outcome, crate::GenerateError> {
         let _ = self.led.set_high();
-        let r = self.backend.generate(turn, opts, on_text);
+        // A stop signal cancels like Ctrl-C or Cancel: the peer still gets the end of the reply
+        // (`[stopped]`, a `Done`), then the session's next read reports the stop.
+        let r = self.backend.generate(turn, opts, &mut |text| {
+            let flow = on_text(text);
+            if stop::requested() {
+                Flow::Cancel
+            } else {
+                flow
+            }
+        });
         let _ = self.led.set_low();
         if let Ok(o) = &r {
             self.totals.replies += 1;
@@ -222,6 +235,7 @@ impl<B: Backend, L: OutputPin> Console<B, L> {
             match r {
                 Ok(Some(next)) => mode = next,
                 Ok(None) => return End::Eof,
+                Err(_) if stop::requested() => return End::Stopped,
                 Err(e) => {
                     let kind = embedded_io::Error::kind(&e);
                     let why = match kind {
@@ -235,8 +249,8 @@ impl<B: Backend, L: OutputPin> Console<B, L> {
     }
 }
 
-/// Serves on `port` until its input ends (stdio) or forever (a serial line, a PTY), waiting for
-/// the next peer whenever one goes away.
+/// Serves on `port` until its input ends (stdio), or a stop signal arrives (after
+/// [`stop::install`]), waiting for the next peer whenever one goes away.
 pub fn serve<B: Backend, L: OutputPin>(
     console: &mut Console<B, L>,
     mut port: FdPort,
@@ -245,11 +259,14 @@ pub fn serve<B: Backend, L: OutputPin>(
     port.set_write_timeout(write_timeout);
     loop {
         if matches!(port.line, Line::Pty { .. }) {
-            port.wait_for_peer();
+            if !port.wait_for_peer() {
+                return stopped(console, &mut port);
+            }
             console.log(format_args!("a peer opened the terminal"));
         }
         match console.session(&mut port) {
             End::Eof => return Ok(()),
+            End::Stopped => return stopped(console, &mut port),
             End::PeerGone(why) => {
                 console.log(format_args!("{why}; waiting for the next peer"));
                 match port.line.clone() {
@@ -262,7 +279,12 @@ pub fn serve<B: Backend, L: OutputPin>(
                         port = loop {
                             match FdPort::open_serial(&path, baud, rtscts) {
                                 Ok(p) => break p,
-                                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+                                Err(_) if stop::requested() => {
+                                    console
+                                        .log(format_args!("stopping on {}", stop::signal_name()));
+                                    return Ok(());
+                                }
+                                Err(_) => std::thread::sleep(Duration::from_millis(100)),
                             }
                         };
                         port.set_write_timeout(write_timeout);
@@ -271,6 +293,25 @@ pub fn serve<B: Backend, L: OutputPin>(
             }
         }
     }
+}
+
+/// The end after a stop signal: a last line to a person (written only if the line takes it at
+/// once), a line in the log, and the port is closed by the caller's return.
+fn stopped<B: Backend, L: OutputPin>(
+    console: &mut Console<B, L>,
+    port: &mut FdPort,
+) -> anyhow::Result<()> {
+    if console.mode == Mode::Text {
+        port.write_now(b"\r\n[quill is shutting down]\r\n");
+    }
+    let _ = console.led.set_low();
+    console.log(format_args!(
+        "stopping on {}: {} replies served ({} cancelled); the line is released",
+        stop::signal_name(),
+        console.totals.replies,
+        console.totals.cancelled
+    ));
+    Ok(())
 }
 
 /// Splits `text` into pieces of at most `max` bytes at character boundaries.

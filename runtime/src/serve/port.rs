@@ -49,6 +49,12 @@ fn gone(source: io::Error) -> PortError {
 }
 
 fn other(source: io::Error) -> PortError {
+    if source.kind() == io::ErrorKind::Interrupted {
+        return PortError {
+            kind: ErrorKind::Interrupted,
+            source,
+        };
+    }
     let kind = match source.raw_os_error() {
         // The device or the PTY's other end is gone.
         Some(libc::EIO | libc::ENXIO | libc::ENODEV | libc::EPIPE) => ErrorKind::NotConnected,
@@ -85,22 +91,48 @@ pub struct FdPort {
     read_timeout: Option<Duration>,
 }
 
+/// Why a wait ended early: `quill serve` was asked to stop (see [`super::stop`]).
+fn stopping() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Interrupted,
+        format!("stopping on {}", super::stop::signal_name()),
+    )
+}
+
+/// Polls one descriptor. With `wake`, the wait also ends (with [`stopping`]) when a stop signal
+/// arrives; without it (the zero-timeout checks between tokens) a stop is left to the caller.
 fn poll_fd(
     fd: RawFd,
     events: libc::c_short,
     timeout: Option<Duration>,
+    wake: bool,
 ) -> io::Result<libc::c_short> {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+    let wake_fd = if wake { super::stop::wake_fd() } else { None };
+    if wake_fd.is_some() && super::stop::requested() {
+        return Err(stopping());
+    }
+    let mut p = [
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake_fd.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n = if wake_fd.is_some() { 2 } else { 1 };
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        // SAFETY: `n` valid pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), n, ms) };
+        if wake_fd.is_some() && super::stop::requested() {
+            return Err(stopping());
+        }
         if r >= 0 {
-            return Ok(p.revents);
+            return Ok(p[0].revents);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -236,7 +268,10 @@ impl FdPort {
     }
 
     /// Creates a pseudo-terminal in raw mode; people and tests open [`Line::Pty`]'s `slave`.
-    pub fn open_pty() -> io::Result<FdPort> {
+    ///
+    /// `baud` is recorded in the terminal's settings (what a peer's `tcgetattr` reports, as on a
+    /// serial line); the kernel does not pace a PTY by it, bytes flow as fast as both sides go.
+    pub fn open_pty(baud: Option<u32>) -> io::Result<FdPort> {
         // SAFETY: plain libc calls on the descriptor they return.
         let fd = check(unsafe {
             libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -258,7 +293,7 @@ impl FdPort {
         let slave = PathBuf::from(slave.to_string_lossy().into_owned());
         // Termios requests on the controlling side apply to the terminal side: raw, so that the
         // kernel neither echoes nor translates what the peer and quill exchange.
-        make_raw(fd.as_raw_fd(), None)?;
+        make_raw(fd.as_raw_fd(), baud.map(|b| (b, false)))?;
         // Until the terminal side has been opened once, the kernel does not report it closed:
         // open and close it, so that "no peer" (POLLHUP) holds until someone opens it.
         drop(open_fd(&slave, libc::O_RDWR | libc::O_NOCTTY)?);
@@ -302,11 +337,14 @@ impl FdPort {
     /// open; other lines cannot tell and always say yes.
     pub fn peer_present(&self) -> bool {
         match self.line {
-            Line::Pty { .. } => {
-                poll_fd(self.read_fd.as_raw_fd(), libc::POLLIN, Some(Duration::ZERO))
-                    .map(|r| r & libc::POLLHUP == 0)
-                    .unwrap_or(false)
-            }
+            Line::Pty { .. } => poll_fd(
+                self.read_fd.as_raw_fd(),
+                libc::POLLIN,
+                Some(Duration::ZERO),
+                false,
+            )
+            .map(|r| r & libc::POLLHUP == 0)
+            .unwrap_or(false),
             _ => true,
         }
     }
@@ -318,11 +356,28 @@ impl FdPort {
         unsafe { libc::tcflush(self.read_fd.as_raw_fd(), libc::TCOFLUSH) };
     }
 
-    /// Waits until a peer is there (see [`FdPort::peer_present`]).
-    pub fn wait_for_peer(&self) {
+    /// Waits until a peer is there (see [`FdPort::peer_present`]); false when a stop signal
+    /// arrived first.
+    pub fn wait_for_peer(&self) -> bool {
         while !self.peer_present() {
+            if super::stop::requested() {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        !super::stop::requested()
+    }
+
+    /// Writes what the line takes right now, without waiting, and forgets the rest: a last word
+    /// to the peer on the way out, which must not hold up a stop.
+    pub fn write_now(&mut self, bytes: &[u8]) {
+        if self.line == Line::Stdio {
+            // Standard output is blocking: it could wait on a stalled reader.
+            return;
+        }
+        // SAFETY: reads at most bytes.len() bytes from bytes; serial lines and PTYs are
+        // opened non-blocking.
+        unsafe { libc::write(self.wfd(), bytes.as_ptr().cast(), bytes.len()) };
     }
 }
 
@@ -332,8 +387,13 @@ impl embedded_io::ErrorType for FdPort {
 
 impl embedded_io::ReadReady for FdPort {
     fn read_ready(&mut self) -> Result<bool, PortError> {
-        let r =
-            poll_fd(self.read_fd.as_raw_fd(), libc::POLLIN, Some(Duration::ZERO)).map_err(other)?;
+        let r = poll_fd(
+            self.read_fd.as_raw_fd(),
+            libc::POLLIN,
+            Some(Duration::ZERO),
+            false,
+        )
+        .map_err(other)?;
         if r & libc::POLLIN != 0 {
             return Ok(true);
         }
@@ -357,7 +417,7 @@ impl embedded_io::Read for FdPort {
         }
         let fd = self.read_fd.as_raw_fd();
         loop {
-            let r = poll_fd(fd, libc::POLLIN, self.read_timeout).map_err(other)?;
+            let r = poll_fd(fd, libc::POLLIN, self.read_timeout, true).map_err(other)?;
             if r == 0 {
                 return Err(PortError {
                     kind: ErrorKind::TimedOut,
@@ -423,10 +483,13 @@ impl embedded_io::Write for FdPort {
                     let wait = left.map_or(Duration::from_millis(200), |l| {
                         l.min(Duration::from_millis(200))
                     });
-                    let r = poll_fd(fd, libc::POLLOUT, Some(wait)).map_err(other)?;
+                    let r = poll_fd(fd, libc::POLLOUT, Some(wait), true).map_err(other)?;
                     if r & (libc::POLLHUP | libc::POLLERR) != 0 && r & libc::POLLOUT == 0 {
                         return Err(gone(e));
                     }
+                }
+                io::ErrorKind::Interrupted if super::stop::requested() => {
+                    return Err(other(stopping()));
                 }
                 io::ErrorKind::Interrupted => {}
                 _ => return Err(other(e)),
