@@ -192,14 +192,31 @@ impl Peer {
         }
     }
 
-    /// Closes the line (the server sees the hang-up), waits `pause_ms`, and opens it again.
-    fn vanish_and_return(&mut self, path: &Path, baud: u32, pause_ms: usize) {
+    /// Closes the line, waits until the server has seen the hang-up (its log says so), waits
+    /// `pause_ms` more, and opens the line again.
+    ///
+    /// Why wait for the server: the kernel reports a PTY's hang-up only while nobody has the
+    /// terminal side open; a peer that comes back before the server next looks at the line (it
+    /// looks between tokens, not during a prompt's prefill) is the same peer to it, and gets the
+    /// rest of the reply. A person reconnecting takes longer than that; a test must not.
+    fn vanish_and_return(&mut self, server: &Server, baud: u32, pause_ms: usize) {
+        let gone = |log: &str| log.matches("waiting for the next peer").count();
+        let before = gone(&server.log());
         let raw = self.fd.as_raw_fd();
         // SAFETY: closes our own descriptor; the `OwnedFd` that held it is forgotten below,
         // before anything else can reuse the number.
         unsafe { libc::close(raw) };
+        let t0 = Instant::now();
+        while gone(&server.log()) == before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the server did not notice the peer going away in 20 s; log:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(pause_ms as u64));
-        let new = Peer::open(path, baud);
+        let new = Peer::open(&server.path, baud);
         std::mem::forget(std::mem::replace(&mut self.fd, new.fd));
         self.rx.clear();
     }
@@ -282,6 +299,13 @@ fn run(
             tally.rss_early = server.rss_kb();
         }
     }
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap_or_default();
+    assert!(
+        status.contains("VmRSS:"),
+        "the server is gone; log:\n{}",
+        server.log()
+    );
     tally.rss_end = server.rss_kb();
     let summary = tally.summary(mode, baud, seed, early_at, t0.elapsed());
     eprintln!("{summary}");
@@ -385,7 +409,6 @@ fn soak_text(baud: u32, requests: usize, seed: u64) -> Tally {
     }
     let mut rng = Rng(seed);
     let mut sync_n = 0u64;
-    let path = server.path.clone();
     run("text", baud, &server, seed, requests, |i, tally| {
         // Noise before three requests in five.
         if rng.below(5) < 3 {
@@ -467,8 +490,10 @@ fn soak_text(baud: u32, requests: usize, seed: u64) -> Tally {
                     peer.expect(b"[max_tokens = 2000]\r\n> ", "the setting");
                     peer.send(b"Tell me about the history of Rome.\r");
                     peer.expect(b"\r\n", "the echo");
-                    peer.pump(Duration::from_millis(rng.range(5, 50) as u64));
-                    peer.vanish_and_return(&path, baud, rng.range(100, 300));
+                    // Gone once the reply is streaming.
+                    while !peer.pump(Duration::from_millis(50)) {}
+                    peer.pump(Duration::from_millis(rng.range(0, 30) as u64));
+                    peer.vanish_and_return(&server, baud, rng.range(0, 100));
                     peer.expect(b"/help for commands\r\n> ", "the banner for the new peer");
                     text_sync(&mut peer, &mut sync_n, tally);
                 }
@@ -615,7 +640,6 @@ fn soak_binary(baud: u32, requests: usize, seed: u64) -> Tally {
         .collect();
     let mut rng = Rng(seed);
     let mut nonce = 0u32;
-    let path = server.path.clone();
     run("binary", baud, &server, seed, requests, |i, tally| {
         let k = (i * 7 + 3) % PROMPTS.len();
         id = id.wrapping_add(1);
@@ -684,7 +708,7 @@ fn soak_binary(baud: u32, requests: usize, seed: u64) -> Tally {
                         let f = frame_of(&request);
                         mcu.peer.send(&f[..f.len() / 2]);
                     }
-                    mcu.peer.vanish_and_return(&path, baud, rng.range(100, 300));
+                    mcu.peer.vanish_and_return(&server, baud, rng.range(0, 100));
                     mcu.decoder.clear();
                     // What the server had not read of the half frame is still on the line.
                     let errors = mcu.sync(nonce);
