@@ -47,6 +47,7 @@ pub fn present_value(l: usize) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub n_layers: usize,
     pub d_model: usize,
@@ -61,6 +62,7 @@ pub struct ModelConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatTemplate {
     /// The template family quill renders natively; only `"chatml"` today.
     pub format: String,
@@ -71,6 +73,7 @@ pub struct ChatTemplate {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SourceInfo {
     pub file: String,
     pub bytes: u64,
@@ -79,6 +82,7 @@ pub struct SourceInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileEntry {
     pub name: String,
     pub bytes: u64,
@@ -96,6 +100,7 @@ impl FileEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
@@ -118,6 +123,7 @@ pub struct Manifest {
 
 /// Provenance of a quantized bundle, for people and tools reading the manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QuantizationInfo {
     /// What is quantized and how, in words.
     pub scheme: String,
@@ -252,6 +258,52 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, BundleError> 
                  re-export the bundle with `cargo xtask export --quant int8`",
                 manifest.weights,
                 WEIGHT_FORMATS.join(", ")
+            ),
+        });
+    }
+    // The files a bundle lists are the three it needs, each once, by plain name: a manifest
+    // never makes quill read outside its own directory.
+    for (i, f) in manifest.files.iter().enumerate() {
+        if ![GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE].contains(&f.name.as_str()) {
+            return Err(BundleError::BadManifest {
+                path,
+                reason: format!(
+                    "it lists a file {:?}; a bundle holds only {GRAPH_FILE}, {WEIGHTS_FILE} and \
+                     {TOKENIZER_FILE}, beside the manifest",
+                    f.name
+                ),
+            });
+        }
+        if manifest.files[..i].iter().any(|g| g.name == f.name) {
+            return Err(BundleError::BadManifest {
+                path,
+                reason: format!("it lists {:?} twice", f.name),
+            });
+        }
+    }
+    let c = &manifest.config;
+    let dims = [
+        ("n_layers", c.n_layers),
+        ("d_model", c.d_model),
+        ("n_heads", c.n_heads),
+        ("n_kv_heads", c.n_kv_heads),
+        ("head_dim", c.head_dim),
+        ("d_ff", c.d_ff),
+        ("vocab_size", c.vocab_size),
+    ];
+    // Sizes are computed from these (memory estimates, buffers): each must be plausible.
+    if let Some((name, v)) = dims.iter().find(|(_, v)| *v == 0 || *v > 1 << 20) {
+        return Err(BundleError::BadManifest {
+            path,
+            reason: format!("config.{name} is {v}, expected between 1 and {}", 1 << 20),
+        });
+    }
+    if !c.n_heads.is_multiple_of(c.n_kv_heads) {
+        return Err(BundleError::BadManifest {
+            path,
+            reason: format!(
+                "config.n_heads ({}) is not a multiple of config.n_kv_heads ({})",
+                c.n_heads, c.n_kv_heads
             ),
         });
     }

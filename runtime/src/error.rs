@@ -55,6 +55,8 @@ pub enum BundleError {
     BadTokenizer { path: PathBuf, reason: String },
     #[error("{path} does not load as the expected decoder graph: {reason}")]
     BadGraph { path: PathBuf, reason: String },
+    #[error("{path} does not hold the weights its graph describes: {reason}")]
+    BadWeights { path: PathBuf, reason: String },
     #[error(
         "the model's context is {model} tokens but this quill was built for at most {capacity} \
          (quill::MAX_CONTEXT); rebuild quill with a larger MAX_CONTEXT"
@@ -76,6 +78,11 @@ pub enum GenerateError {
     ContextFull { context: usize },
     #[error("invalid sampling option: {0}")]
     BadOption(String),
+    #[error(
+        "the model produced NaN or infinite logits at position {position}: its weights are \
+         damaged or overflow; generation stopped (re-export the bundle, or report it)"
+    )]
+    NonFiniteLogits { position: usize },
     #[error("tract failed while running the model: {0:#}")]
     Tract(#[from] anyhow::Error),
 }

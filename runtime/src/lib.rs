@@ -13,6 +13,7 @@ pub mod cli;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod graph_check;
 pub mod kernels;
 pub mod model;
 pub mod sampler;

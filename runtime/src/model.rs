@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use prost::Message;
 use tract_linalg::multithread::Executor;
+use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 
@@ -150,7 +152,9 @@ impl Model {
         if opts.return_memory {
             set_mmap_threshold(128 << 10);
         }
-        let built = build_plan(&graph, m, opts);
+        let proto = read_graph(&graph, &bundle.dir)?;
+        let built = build_plan(&proto, &bundle.dir, m, opts);
+        drop(proto);
         if opts.return_memory {
             set_mmap_threshold(32 << 20);
         }
@@ -186,13 +190,50 @@ impl Model {
     }
 }
 
-fn build_plan(path: &Path, m: &Manifest, opts: &LoadOptions) -> anyhow::Result<(Arc<Plan>, usize)> {
+/// Decodes the graph's protobuf and checks its tensors against the weights file
+/// ([`crate::graph_check`]) before tract builds anything from it.
+fn read_graph(path: &Path, dir: &Path) -> Result<ModelProto, BundleError> {
+    let bytes = std::fs::read(path).map_err(|source| BundleError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let proto = ModelProto::decode(bytes.as_slice()).map_err(|e| BundleError::BadGraph {
+        path: path.to_owned(),
+        reason: format!("not an ONNX protobuf ({e}); the file is damaged, re-export the bundle"),
+    })?;
+    crate::graph_check::check(&proto, dir).map_err(|fault| {
+        let path = dir.join(fault.file);
+        if fault.file == bundle::WEIGHTS_FILE {
+            BundleError::BadWeights {
+                path,
+                reason: fault.reason,
+            }
+        } else {
+            BundleError::BadGraph {
+                path,
+                reason: fault.reason,
+            }
+        }
+    })?;
+    Ok(proto)
+}
+
+fn build_plan(
+    proto: &ModelProto,
+    dir: &Path,
+    m: &Manifest,
+    opts: &LoadOptions,
+) -> anyhow::Result<(Arc<Plan>, usize)> {
     let threads = opts.threads;
-    let mut model = tract_onnx::onnx()
-        .model_for_path(path)
-        .context("parsing the ONNX graph")?
-        .into_typed()
-        .context("analysing the graph")?;
+    let parsed = tract_onnx::onnx()
+        .parse(proto, dir.to_str())
+        .context("parsing the ONNX graph")?;
+    anyhow::ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "the graph reads values nothing produces: {:?}",
+        parsed.unresolved_inputs
+    );
+    let mut model = parsed.model.into_typed().context("analysing the graph")?;
     let n_inputs = 1 + 2 * m.config.n_layers;
     anyhow::ensure!(
         model.inputs.len() == n_inputs,
@@ -382,8 +423,17 @@ impl Session {
         }
         let (logits, n) = last.expect("at least one chunk");
         let all = logits.try_as_plain_ram()?.as_slice::<f32>()?; // (1, n, vocab)
-        self.logits
-            .copy_from_slice(&all[(n - 1) * self.vocab..n * self.vocab]);
+        let row = all
+            .get((n - 1) * self.vocab..n * self.vocab)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the graph returned {} logits for {n} tokens, expected {} per token",
+                    all.len(),
+                    self.vocab
+                )
+            })?;
+        self.logits.copy_from_slice(row);
+        check_finite(&self.logits, self.len)?;
         Ok(&self.logits)
     }
 
@@ -396,7 +446,9 @@ impl Session {
         self.check_room(tokens.len())?;
         for chunk in tokens.chunks(PREFILL_CHUNK) {
             let logits = self.run_chunk(chunk)?;
-            out.extend_from_slice(logits.try_as_plain_ram()?.as_slice::<f32>()?);
+            let logits = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+            check_finite(logits, self.len)?;
+            out.extend_from_slice(logits);
         }
         Ok(())
     }
@@ -404,6 +456,16 @@ impl Session {
     /// Token-input tensors allocated so far (see the field's doc).
     pub fn input_allocations(&self) -> u64 {
         self.input_allocations
+    }
+}
+
+/// Logits must be finite numbers: NaN or infinity means damaged weights or a numerical
+/// blow-up, and sampling from them would print garbage. About 10 µs per token.
+fn check_finite(logits: &[f32], position: usize) -> Result<(), GenerateError> {
+    if logits.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(GenerateError::NonFiniteLogits { position })
     }
 }
 

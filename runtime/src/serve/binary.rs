@@ -225,7 +225,9 @@ fn generate<B: Backend, L: OutputPin, P: Port>(
                 GenerateError::ContextFull { .. } => ErrorCode::ContextFull,
                 GenerateError::BadOption(_) => ErrorCode::BadOption,
                 GenerateError::EmptyPrompt => ErrorCode::EmptyPrompt,
-                GenerateError::Tract(_) => ErrorCode::Internal,
+                GenerateError::Tract(_) | GenerateError::NonFiniteLogits { .. } => {
+                    ErrorCode::Internal
+                }
             };
             error(Some(id), code, &e.to_string())
         }
