@@ -315,16 +315,19 @@ pub fn cross_check(tokens: usize) -> Result<()> {
     let model = small_bundle()?;
     let prompts = ["The capital of France is", "Once upon a time"];
     let root = workspace();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(&cargo).current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "quill",
-        "--bin",
-        "quill",
-    ]))?;
-    let host = root.join("target").join("release").join("quill");
+    // The x86-64 reference: `$QUILL_HOST_BIN` when the caller has just built it (CI passes the
+    // binary `cargo test --release --workspace` made; building it again with this crate's
+    // feature set would recompile tract), else a fresh build.
+    let host = match std::env::var_os("QUILL_HOST_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(&cargo).current_dir(&root).args([
+                "build", "--release", "-p", "quill", "--bin", "quill",
+            ]))?;
+            root.join("target").join("release").join("quill")
+        }
+    };
     let runs = [
         (Board::load("rpi4")?, false, "Cortex-A72, no dotprod"),
         (Board::load("rpi5")?, false, "Cortex-A76, dotprod"),
