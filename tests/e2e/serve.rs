@@ -35,10 +35,25 @@ impl Server {
     /// `QUILL_BIN` runs another build of quill instead of this one's (a copy that a parallel
     /// build cannot replace during a long soak, say).
     pub(crate) fn start_with(model: &Path, extra: &[&str]) -> Server {
+        Server::spawn(model, None, extra)
+    }
+
+    /// The same on `--serial DEVICE` (the test holds the device's far end).
+    fn start_serial(model: &Path, device: &Path, extra: &[&str]) -> Server {
+        Server::spawn(model, Some(device), extra)
+    }
+
+    fn spawn(model: &Path, serial: Option<&Path>, extra: &[&str]) -> Server {
         let bin = std::env::var_os("QUILL_BIN")
             .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_quill")), PathBuf::from);
-        let mut child = Command::new(bin)
-            .args(["serve", "--pty", "--model"])
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve");
+        match serial {
+            Some(device) => cmd.arg("--serial").arg(device),
+            None => cmd.arg("--pty"),
+        };
+        let mut child = cmd
+            .arg("--model")
             .arg(model)
             .args(["--temperature", "0"])
             .args(extra)
@@ -61,28 +76,35 @@ impl Server {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_default();
-        let path = PathBuf::from(line.trim());
-        assert!(
-            path.starts_with("/dev/pts"),
-            "quill serve printed {line:?} instead of a PTY path; stderr:\n{}",
-            stderr.lock().unwrap()
-        );
-        // The model loads after the PTY exists; wait for "ready".
+        let path = match serial {
+            Some(device) => device.to_owned(),
+            None => {
+                let (tx, rx) = mpsc::channel();
+                let out = child.stdout.take().unwrap();
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    let _ = BufReader::new(out).read_line(&mut line);
+                    let _ = tx.send(line);
+                });
+                let line = rx
+                    .recv_timeout(Duration::from_secs(120))
+                    .unwrap_or_default();
+                let path = PathBuf::from(line.trim());
+                assert!(
+                    path.starts_with("/dev/pts"),
+                    "quill serve printed {line:?} instead of a PTY path; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
+                path
+            }
+        };
+        // The model loads after the line is open; wait for "ready".
         let t0 = Instant::now();
         while !stderr.lock().unwrap().contains("ready") {
             assert!(
                 t0.elapsed() < Duration::from_secs(120),
-                "quill serve never got ready"
+                "quill serve never got ready; stderr:\n{}",
+                stderr.lock().unwrap()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -877,6 +899,49 @@ fn sigterm_during_a_reply_ends_serve_cleanly() {
     assert!(status.success(), "{status}; log:\n{}", server.log());
     assert!(
         server.log().contains("stopping on SIGTERM: 0 replies"),
+        "{}",
+        server.log()
+    );
+
+    // --serial at 9600 baud with a peer that reads nothing: the reply piles up in the line (the
+    // far end of a PTY pair as the device; the two-block model to be quick).
+    // SAFETY: plain libc calls; the descriptor is owned below.
+    let master = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(fd >= 0);
+        assert_eq!(libc::grantpt(fd), 0);
+        assert_eq!(libc::unlockpt(fd), 0);
+        OwnedFd::from_raw_fd(fd)
+    };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: the buffer's length is passed.
+    assert_eq!(
+        unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) },
+        0
+    );
+    // SAFETY: NUL-terminated by ptsname_r.
+    let device = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let small = xtask::cross::small_bundle().expect("exporting the two-block model");
+    let mut server = Server::start_serial(
+        &small,
+        Path::new(&device),
+        &["--baud", "9600", "--max-tokens", "4000"],
+    );
+    let mut t = Term {
+        fd: master,
+        transcript: Vec::new(),
+    };
+    t.send(b"Tell me a long story.\r");
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&server, libc::SIGTERM);
+    let (status, took) = wait_exit(&mut server, Duration::from_secs(5));
+    eprintln!("SIGTERM with a stalled reader on --serial: exited in {took:?} with {status}");
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    assert!(
+        server.log().contains("stopping on SIGTERM"),
         "{}",
         server.log()
     );

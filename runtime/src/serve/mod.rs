@@ -296,7 +296,8 @@ pub fn serve<B: Backend, L: OutputPin>(
 }
 
 /// The end after a stop signal: a last line to a person (written only if the line takes it at
-/// once), a line in the log, and the port is closed by the caller's return.
+/// once), at most 300 ms for the line to send what is queued, a line in the log; the port is
+/// closed by the caller's return.
 fn stopped<B: Backend, L: OutputPin>(
     console: &mut Console<B, L>,
     port: &mut FdPort,
@@ -304,6 +305,7 @@ fn stopped<B: Backend, L: OutputPin>(
     if console.mode == Mode::Text {
         port.write_now(b"\r\n[quill is shutting down]\r\n");
     }
+    port.drop_unsent(Duration::from_millis(300));
     let _ = console.led.set_low();
     console.log(format_args!(
         "stopping on {}: {} replies served ({} cancelled); the line is released",

@@ -368,6 +368,29 @@ impl FdPort {
         !super::stop::requested()
     }
 
+    /// Gives the line up to `limit` to send what is queued, then drops the rest: closing a
+    /// serial device waits until its output has drained (up to 30 s by default, forever behind
+    /// RTS/CTS with a stalled peer), which must not hold up a stop. (Closing a PTY or stdio does
+    /// not wait: nothing to do there.)
+    pub fn drop_unsent(&self, limit: Duration) {
+        if !matches!(self.line, Line::Serial { .. }) {
+            return;
+        }
+        let fd = self.wfd();
+        let t0 = Instant::now();
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int.
+            let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+            if r != 0 || queued == 0 || t0.elapsed() >= limit {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: valid fd.
+        unsafe { libc::tcflush(fd, libc::TCOFLUSH) };
+    }
+
     /// Writes what the line takes right now, without waiting, and forgets the rest: a last word
     /// to the peer on the way out, which must not hold up a stop.
     pub fn write_now(&mut self, bytes: &[u8]) {
