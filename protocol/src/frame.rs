@@ -11,6 +11,13 @@
 //! catches what noise does to the bytes in between (every single-byte error, every burst of up to
 //! 32 bits). Nothing here allocates; buffers are fixed arrays.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -57,6 +64,7 @@ impl FrameError {
     }
 }
 
+#[expect(clippy::indexing_slicing, reason = "i < 256 indexes a 256-entry table")]
 const fn crc_table() -> [u32; 256] {
     let mut table = [0u32; 256];
     let mut i = 0;
@@ -80,6 +88,10 @@ const fn crc_table() -> [u32; 256] {
 static CRC_TABLE: [u32; 256] = crc_table();
 
 /// CRC-32 (IEEE 802.3, as in zlib and Ethernet).
+#[expect(
+    clippy::indexing_slicing,
+    reason = "a masked byte indexes the 256-entry table"
+)]
 pub fn crc32(bytes: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in bytes {
@@ -90,6 +102,10 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 
 /// COBS-encodes `src` into `dst` (no terminating zero); returns the encoded length, or `None`
 /// if `dst` is too small.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "every write is checked against dst.len() first"
+)]
 pub fn cobs_encode(src: &[u8], dst: &mut [u8]) -> Option<usize> {
     let mut code_at = 0;
     let mut out = 1;
@@ -122,6 +138,10 @@ pub fn cobs_encode(src: &[u8], dst: &mut [u8]) -> Option<usize> {
 }
 
 /// Decodes a COBS frame (without its terminating zero) in place; returns the decoded length.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "read < buf.len() is checked before each read; write <= read"
+)]
 pub fn cobs_decode_in_place(buf: &mut [u8]) -> Result<usize, FrameError> {
     let (mut read, mut write) = (0, 0);
     while read < buf.len() {
@@ -148,6 +168,10 @@ pub fn cobs_decode_in_place(buf: &mut [u8]) -> Result<usize, FrameError> {
 }
 
 /// Encodes `msg` as one frame into `out`; returns the frame, terminating zero included.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "n comes from postcard writing into raw, which has CRC_LEN bytes spare; len < out.len() from cobs_encode"
+)]
 pub fn encode<'o, T: Serialize>(
     msg: &T,
     out: &'o mut [u8; MAX_FRAME],
@@ -222,6 +246,10 @@ impl<const N: usize> FrameDecoder<N> {
 
     /// Takes one byte from the line. At the end of a frame, returns its payload (CRC checked and
     /// removed) or why it was rejected; empty frames (two zeros in a row) are ignored.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "len < MAX_FRAME is checked before the write"
+    )]
     pub fn push(&mut self, byte: u8) -> Option<Result<&[u8], FrameError>> {
         if byte != 0 {
             if self.len < N.min(MAX_FRAME - 1) {
@@ -243,6 +271,10 @@ impl<const N: usize> FrameDecoder<N> {
         Some(self.finish(len))
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "len >= CRC_LEN is checked first; split_at yields exactly CRC_LEN bytes"
+    )]
     fn finish(&mut self, len: usize) -> Result<&[u8], FrameError> {
         let n = cobs_decode_in_place(&mut self.buf[..len])?;
         if n <= CRC_LEN {

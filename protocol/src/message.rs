@@ -15,6 +15,13 @@
 //! Every size is bounded by a `heapless` capacity, so a message fits in a fixed buffer on both
 //! sides. New variants are only ever appended, so the variant indices on the wire stay put.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use heapless::String;
 use serde::{Deserialize, Serialize};
 

@@ -5,6 +5,13 @@
 //! CRC-32, so a truncated or corrupted file is reported by name before tract ever parses it.
 //! The names of the graph's inputs and outputs are fixed here and shared with the exporter.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -199,7 +206,7 @@ impl Bundle {
             if n == 0 {
                 break;
             }
-            h.update(&buf[..n]);
+            h.update(buf.get(..n).unwrap_or_default());
         }
         let crc = h.finalize();
         if crc != entry.crc32 {
@@ -274,7 +281,7 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, BundleError> 
                 ),
             });
         }
-        if manifest.files[..i].iter().any(|g| g.name == f.name) {
+        if manifest.files.iter().take(i).any(|g| g.name == f.name) {
             return Err(BundleError::BadManifest {
                 path,
                 reason: format!("it lists {:?} twice", f.name),

@@ -8,6 +8,13 @@
 //! (the int8 teacher: 0.5 MB of scales and norms; the f32 teacher: all 540 MB, about 0.1 s from
 //! the page cache) and none over the int8 weights, which cannot be non-finite.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -222,14 +229,14 @@ fn may_hold_infinity(name: &str) -> bool {
 fn check_finite(data_type: i32, bytes: &[u8], name: &str) -> Result<(), GraphFault> {
     let inf_ok = may_hold_infinity(name);
     let ok = if data_type == DataType::Float as i32 {
-        bytes.chunks_exact(4).all(|c| {
-            let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        bytes.as_chunks::<4>().0.iter().all(|&c| {
+            let x = f32::from_le_bytes(c);
             x.is_finite() || (inf_ok && x.is_infinite())
         })
     } else if data_type == DataType::Float16 as i32 {
         // An f16's five exponent bits are all ones for infinities (zero mantissa) and NaN.
-        bytes.chunks_exact(2).all(|c| {
-            let h = u16::from_le_bytes([c[0], c[1]]);
+        bytes.as_chunks::<2>().0.iter().all(|&c| {
+            let h = u16::from_le_bytes(c);
             h & 0x7c00 != 0x7c00 || (inf_ok && h & 0x03ff == 0)
         })
     } else {

@@ -5,6 +5,13 @@
 //! byte by byte to the 256 base tokens and merged by rank. Decoding maps ids back to bytes, so any
 //! UTF-8 text round-trips, including a character whose bytes land in different tokens.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -20,6 +27,11 @@ pub type TokenId = u32;
 const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
 
 /// GPT-2's reversible map from bytes to printable characters.
+#[expect(clippy::indexing_slicing, reason = "b < 256 indexes a 256-entry array")]
+#[expect(
+    clippy::expect_used,
+    reason = "code points below 512 are all valid chars"
+)]
 fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;
@@ -72,6 +84,10 @@ impl Tokenizer {
     }
 
     /// Builds a tokenizer from a parsed Hugging Face `tokenizer.json`.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "ids are checked < n, the length of bytes and special, before use; b < 256; p.len() == 2 is matched"
+    )]
     pub fn from_json(json: &Value) -> Result<Tokenizer, String> {
         let model = &json["model"];
         if model["type"] != "BPE" {
@@ -197,7 +213,10 @@ impl Tokenizer {
             return Some(*id);
         }
         let ids = self.encode(text, false);
-        (ids.len() == 1).then(|| ids[0])
+        match ids.as_slice() {
+            &[id] => Some(id),
+            _ => None,
+        }
     }
 
     pub fn is_special(&self, id: TokenId) -> bool {
@@ -259,6 +278,10 @@ impl Tokenizer {
 
     /// GPT-2's pre-tokenizer regex, including its `\s+(?!\S)` rule: a run of whitespace followed
     /// by a non-space leaves its last character to start the next word.
+    #[expect(
+        clippy::expect_used,
+        reason = "the pattern matches any character, so find_at before the end always matches; a match is never empty"
+    )]
     fn split_gpt2(&self, text: &str, out: &mut Vec<TokenId>) {
         let mut pos = 0;
         while pos < text.len() {
@@ -280,6 +303,10 @@ impl Tokenizer {
     }
 
     /// Merges the bytes of one pre-tokenized piece, lowest rank first (leftmost on ties).
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "a byte indexes the 256-entry table; i is a window index, so i + 1 < syms.len()"
+    )]
     fn bpe(&self, piece: &str, out: &mut Vec<TokenId>) {
         if piece.is_empty() {
             return;

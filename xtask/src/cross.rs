@@ -323,7 +323,12 @@ pub fn cross_check(tokens: usize) -> Result<()> {
         None => {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(&cargo).current_dir(&root).args([
-                "build", "--release", "-p", "quill", "--bin", "quill",
+                "build",
+                "--release",
+                "-p",
+                "quill",
+                "--bin",
+                "quill",
             ]))?;
             root.join("target").join("release").join("quill")
         }

@@ -4,6 +4,13 @@
 //! what was wrong, and the server keeps serving. During a generation the line is read between
 //! tokens: a `Cancel` stops it, a `Ping` is answered, anything else is refused as `Busy`.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use embedded_hal::digital::OutputPin;
 use quill_protocol::{
     Done, ErrorCode, ErrorReport, FrameDecoder, FrameError, Generate, Info, MAX_CHUNK, MAX_FRAME,
@@ -16,6 +23,10 @@ use crate::error::GenerateError;
 use crate::generate::{GenerateOptions, StopReason};
 
 /// Sends one response frame.
+#[expect(
+    clippy::expect_used,
+    reason = "every Response is bounded (heapless capacities) to fit in one frame; a unit test encodes the largest"
+)]
 fn send<P: Port>(port: &mut P, msg: &Response) -> Result<(), P::Error> {
     let mut out = [0u8; MAX_FRAME];
     // Every response fits in a frame by construction (bounded strings); a failure here is a bug.

@@ -7,6 +7,13 @@
 //! A line that is not UTF-8, that holds control characters (line noise), or that overflows the
 //! buffer is rejected whole, with a reason, instead of being sent to the model.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use heapless::Vec as HVec;
 
 /// What the console should do after a byte.
@@ -210,9 +217,8 @@ impl<const N: usize> LineEditor<N> {
         let (garbage, overflowed) = (self.garbage, self.overflowed);
         self.garbage = false;
         self.overflowed = false;
-        let len = self.line.len();
         // Cleared on the next push, so that the returned text can borrow it.
-        let line = &self.line[..len];
+        let line = self.line.as_slice();
         if overflowed {
             return Err(LineError::TooLong);
         }

@@ -5,6 +5,13 @@
 //! a line does wrong (bad bytes, too long, a message the context cannot take) touches the
 //! conversation: the user gets one line saying what happened and a fresh prompt.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use embedded_hal::digital::OutputPin;
 
 use super::backend::{Backend, Finish, Flow, Turn};
@@ -32,6 +39,10 @@ keys: Enter sends, Backspace, Ctrl-W (word), Ctrl-U (line), Ctrl-C stops a reply
 
 /// Writes text for a terminal: `\n` becomes `\r\n`; control characters other than tab are
 /// dropped, so that model output cannot drive the terminal (no escape sequences).
+#[expect(
+    clippy::indexing_slicing,
+    reason = "the buffer is flushed while n + 2 would exceed it, before every write"
+)]
 pub(crate) fn put<P: Port>(port: &mut P, text: &str) -> Result<(), P::Error> {
     let mut buf = [0u8; 256];
     let mut n = 0;
