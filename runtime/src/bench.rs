@@ -65,6 +65,8 @@ pub struct BenchReport {
     pub gen_tokens: usize,
     pub runs: usize,
     pub load_s: Summary,
+    /// Of the load, the integrity checks (sizes, CRC-32s, graph tensors).
+    pub checks_ms: Summary,
     pub time_to_first_token_ms: Summary,
     pub prefill_tokens_per_s: Summary,
     pub decode_tokens_per_s: Summary,
@@ -142,6 +144,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         "need at least 1 prompt token and 2 generated tokens"
     );
     let (mut load, mut ttft, mut prefill, mut decode) = (vec![], vec![], vec![], vec![]);
+    let mut checks = vec![];
     let mut header = None;
     let mut prof = None;
     for run in 0..opts.runs {
@@ -157,6 +160,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             },
         )?;
         load.push(t0.elapsed().as_secs_f64());
+        checks.push(model.check_time.as_secs_f64() * 1e3);
         let m = model.manifest();
         anyhow::ensure!(
             opts.prompt_tokens + opts.gen_tokens <= m.context_length,
@@ -206,6 +210,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         gen_tokens: opts.gen_tokens,
         runs: opts.runs,
         load_s: Summary::of(load),
+        checks_ms: Summary::of(checks),
         time_to_first_token_ms: Summary::of(ttft),
         prefill_tokens_per_s: Summary::of(prefill),
         decode_tokens_per_s: Summary::of(decode),
@@ -229,6 +234,7 @@ impl std::fmt::Display for BenchReport {
             )
         };
         row(f, "load + optimize", &self.load_s, "s")?;
+        row(f, "  of which checks", &self.checks_ms, "ms")?;
         row(f, "time to first token", &self.time_to_first_token_ms, "ms")?;
         row(f, "prefill", &self.prefill_tokens_per_s, "tokens/s")?;
         row(f, "decode", &self.decode_tokens_per_s, "tokens/s")?;

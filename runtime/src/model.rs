@@ -88,8 +88,11 @@ pub struct Model {
     pub bundle: Bundle,
     pub tokenizer: Tokenizer,
     plan: Arc<Plan>,
-    /// Time spent parsing and optimizing the graph.
+    /// Time from opening the bundle to a runnable plan.
     pub load_time: Duration,
+    /// Of `load_time`, the integrity checks: every file's size and CRC-32 against the
+    /// manifest, and the graph's tensors against their data ([`crate::graph_check`]).
+    pub check_time: Duration,
     /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
     pub quill_kernel_ops: usize,
     /// Most tokens a session holds: the bundle's context, or less ([`LoadOptions::context`]).
@@ -120,6 +123,7 @@ impl Model {
         } else {
             Bundle::open_unverified(dir)?
         };
+        let mut check_time = t0.elapsed();
         let m = &bundle.manifest;
         if m.context_length > MAX_CONTEXT {
             return Err(BundleError::ContextTooLarge {
@@ -152,7 +156,9 @@ impl Model {
         if opts.return_memory {
             set_mmap_threshold(128 << 10);
         }
+        let t_graph = Instant::now();
         let proto = read_graph(&graph, &bundle.dir)?;
+        check_time += t_graph.elapsed();
         let built = build_plan(&proto, &bundle.dir, m, opts);
         drop(proto);
         if opts.return_memory {
@@ -170,6 +176,7 @@ impl Model {
             tokenizer,
             plan,
             load_time: t0.elapsed(),
+            check_time,
             quill_kernel_ops,
             context,
         })
