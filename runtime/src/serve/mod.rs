@@ -13,8 +13,8 @@
 //!
 //! **Invariant:** one generation at a time, on this thread; input is polled between tokens, so
 //! Ctrl-C, Cancel and a stop signal (SIGTERM, SIGINT: [`stop`]) stop a generation within one
-//! token. Writes block while the line is slower
-//! than the model (output is never dropped), bounded by the write timeout.
+//! token. Writes block while the line is slower than the model (output is never dropped),
+//! bounded by the write timeout.
 
 pub mod backend;
 pub mod binary;
@@ -54,8 +54,8 @@ pub enum End {
     Eof,
     /// The peer went away or the line failed; the server waits for the next peer.
     PeerGone(String),
-    /// A stop signal arrived (see [`stop`]): the server stops.
-    Stopped,
+    /// A stop signal arrived (see [`stop`]) while the line was in this mode: the server stops.
+    Stopped(Mode),
 }
 
 /// Bytes received and not yet handled, in a fixed queue: what was typed (or sent) while a
@@ -235,7 +235,7 @@ impl<B: Backend, L: OutputPin> Console<B, L> {
             match r {
                 Ok(Some(next)) => mode = next,
                 Ok(None) => return End::Eof,
-                Err(_) if stop::requested() => return End::Stopped,
+                Err(_) if stop::requested() => return End::Stopped(mode),
                 Err(e) => {
                     let kind = embedded_io::Error::kind(&e);
                     let why = match kind {
@@ -260,13 +260,14 @@ pub fn serve<B: Backend, L: OutputPin>(
     loop {
         if matches!(port.line, Line::Pty { .. }) {
             if !port.wait_for_peer() {
-                return stopped(console, &mut port);
+                let mode = console.mode;
+                return stopped(console, &mut port, mode);
             }
             console.log(format_args!("a peer opened the terminal"));
         }
         match console.session(&mut port) {
             End::Eof => return Ok(()),
-            End::Stopped => return stopped(console, &mut port),
+            End::Stopped(mode) => return stopped(console, &mut port, mode),
             End::PeerGone(why) => {
                 console.log(format_args!("{why}; waiting for the next peer"));
                 match port.line.clone() {
@@ -301,8 +302,10 @@ pub fn serve<B: Backend, L: OutputPin>(
 fn stopped<B: Backend, L: OutputPin>(
     console: &mut Console<B, L>,
     port: &mut FdPort,
+    mode: Mode,
 ) -> anyhow::Result<()> {
-    if console.mode == Mode::Text {
+    // Binary mode has no message for it: the client got its `Done`, then sees the line close.
+    if mode == Mode::Text {
         port.write_now(b"\r\n[quill is shutting down]\r\n");
     }
     port.drop_unsent(Duration::from_millis(300));
