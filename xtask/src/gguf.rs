@@ -197,7 +197,8 @@ impl Gguf {
         Self::parse(path, data).with_context(|| format!("parsing GGUF file {}", path.display()))
     }
 
-    fn parse(path: &Path, data: Vec<u8>) -> Result<Gguf> {
+    /// Parses a GGUF file already in memory; `path` names it in errors.
+    pub fn parse(path: &Path, data: Vec<u8>) -> Result<Gguf> {
         let mut c = Cursor { buf: &data, pos: 0 };
         let magic = c.take(4).context("file too short for a GGUF header")?;
         ensure!(
@@ -242,22 +243,36 @@ impl Gguf {
         let alignment = metadata
             .get("general.alignment")
             .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT) as usize;
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        // An alignment of 0 would divide by zero, a huge one overflow.
+        ensure!(
+            (1..=1 << 16).contains(&alignment),
+            "general.alignment is {alignment}, expected 1 to 65536"
+        );
+        let alignment = alignment as usize;
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, ne, ty, offset) in infos {
-            let n: usize = ne.iter().product();
+            // Sizes come from the file: checked arithmetic, so that a corrupt dimension or
+            // offset is an error rather than an overflow.
+            let n = ne
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .with_context(|| format!("tensor {name}: dimensions {ne:?} overflow"))?;
             let (block_elems, block_bytes) = ty.block();
             ensure!(
                 n.is_multiple_of(block_elems),
                 "tensor {name}: {n} elements is not a whole number of {ty:?} blocks"
             );
-            let n_bytes = n / block_elems * block_bytes;
-            let start = data_start + offset;
+            let n_bytes = (n / block_elems).checked_mul(block_bytes);
+            let start = data_start.checked_add(offset);
+            let end = n_bytes.zip(start).and_then(|(b, s)| s.checked_add(b));
+            let (Some(n_bytes), Some(start), Some(end)) = (n_bytes, start, end) else {
+                bail!("tensor {name}: offset {offset} or size of {n} elements overflows");
+            };
             ensure!(
-                start + n_bytes <= data.len(),
-                "tensor {name} ends at byte {} but the file has {} bytes: the file is truncated",
-                start + n_bytes,
+                end <= data.len(),
+                "tensor {name} ends at byte {end} but the file has {} bytes: the file is truncated",
                 data.len()
             );
             tensors.insert(
@@ -396,6 +411,48 @@ mod tests {
         let x = dequantize(TensorType::Q4_0, &block, 32);
         assert_eq!(x[0], -16.0);
         assert_eq!(x[16], 0.0);
+    }
+
+    /// A GGUF with `general.alignment` = `alignment` and one F32 tensor `t` of dims `ne` at
+    /// `offset`, followed by `data` bytes of zeros.
+    fn header(alignment: u32, ne: &[u64], offset: u64, data: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(1u64.to_le_bytes()); // key/values
+        b.extend(17u64.to_le_bytes());
+        b.extend(b"general.alignment");
+        b.extend(4u32.to_le_bytes()); // u32
+        b.extend(alignment.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(b"t");
+        b.extend((ne.len() as u32).to_le_bytes());
+        for d in ne {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(offset.to_le_bytes());
+        b.resize(b.len() + data, 0);
+        b
+    }
+
+    /// Regressions from the GGUF fuzz target (fuzz/fuzz_targets/gguf.rs): each was a panic.
+    #[test]
+    fn corrupt_alignment_sizes_and_offsets_are_errors() {
+        let ok = Gguf::parse(Path::new("x"), header(8, &[4], 0, 64)).unwrap();
+        assert_eq!(ok.f32("t").unwrap(), vec![0.0; 4]);
+        // Dimensions are each at most the file's size; four of 70 000 overflow a u64.
+        let big = 70_000;
+        for (bytes, expected) in [
+            (header(0, &[4], 0, 64), "general.alignment is 0"),
+            (header(u32::MAX, &[4], 0, 64), "general.alignment"),
+            (header(8, &[4], u64::MAX - 8, 64), "overflows"),
+            (header(8, &[big; 4], 0, big as usize), "overflow"),
+            (header(8, &[big, big], 0, big as usize), "truncated"),
+        ] {
+            let err = Gguf::parse(Path::new("x"), bytes).err().unwrap();
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
     }
 
     #[test]
