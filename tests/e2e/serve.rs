@@ -924,9 +924,9 @@ fn sigterm_during_a_reply_ends_serve_cleanly() {
         .to_str()
         .unwrap()
         .to_owned();
-    let small = xtask::cross::small_bundle().expect("exporting the two-block model");
+    let small = crate::support::small_bundle_dir();
     let mut server = Server::start_serial(
-        &small,
+        small,
         Path::new(&device),
         &["--baud", "9600", "--max-tokens", "4000"],
     );

@@ -394,9 +394,9 @@ fn garbage_line(rng: &mut Rng) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn soak_text(baud: u32, requests: usize, seed: u64) -> Tally {
-    let model = xtask::cross::small_bundle().expect("exporting the two-block model");
+    let model = crate::support::small_bundle_dir();
     let b = baud.to_string();
-    let server = Server::start_with(&model, &["--baud", &b, "--max-tokens", "3"]);
+    let server = Server::start_with(model, &["--baud", &b, "--max-tokens", "3"]);
     let mut peer = Peer::open(&server.path, baud);
     peer.expect(b"/help for commands\r\n> ", "the banner");
     let reference: Vec<Vec<u8>> = PROMPTS.iter().map(|p| text_request(&mut peer, p)).collect();
@@ -614,9 +614,9 @@ fn frame_of(r: &Request) -> Vec<u8> {
 }
 
 fn soak_binary(baud: u32, requests: usize, seed: u64) -> Tally {
-    let model = xtask::cross::small_bundle().expect("exporting the two-block model");
+    let model = crate::support::small_bundle_dir();
     let b = baud.to_string();
-    let server = Server::start_with(&model, &["--mode", "binary", "--baud", &b]);
+    let server = Server::start_with(model, &["--mode", "binary", "--baud", &b]);
     let mut mcu = Mcu {
         peer: Peer::open(&server.path, baud),
         decoder: FrameDecoder::new(),

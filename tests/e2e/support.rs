@@ -198,3 +198,10 @@ pub fn python() -> Command {
     cmd.env("PYTHONPATH", site);
     cmd
 }
+
+/// The two-block int8 export of the teacher that `cargo xtask cross-check` uses (exported on
+/// first use, once per test run even when several tests ask at once).
+pub fn small_bundle_dir() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| xtask::cross::small_bundle().expect("exporting the two-block model"))
+}
