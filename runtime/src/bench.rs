@@ -3,6 +3,11 @@
 //! Each run loads and optimizes the bundle afresh, prefills a prompt of exactly
 //! `prompt_tokens` tokens and greedily decodes `gen_tokens` more (end-of-sequence tokens are
 //! ignored so every run does the same work). Peak RSS is the process's high-water mark.
+//!
+//! Decode speed is also measured after `decode_at` tokens of context (the KV cache's cost), and
+//! set against this machine's memory bandwidth, measured in the same run: a STREAM-style triad
+//! over buffers far larger than the last-level cache, on as many threads. A decode step reads
+//! every weight once, so bandwidth ÷ bytes of weights read per token is decode's speed limit.
 
 use std::path::Path;
 use std::time::Instant;
@@ -29,7 +34,12 @@ pub struct BenchOptions {
     pub profile: bool,
     /// Use quill's int8 kernel where the CPU has it (see [`LoadOptions::quill_kernels`]).
     pub quill_kernels: bool,
+    /// Context lengths after which decoding is also timed ([`DECODE_AT_STEPS`] steps each).
+    pub decode_at: Vec<usize>,
 }
+
+/// Decode steps timed at each `decode_at` position.
+pub const DECODE_AT_STEPS: usize = 16;
 
 /// Median, minimum and maximum of one measure.
 #[derive(Debug, Clone, Serialize)]
@@ -70,10 +80,27 @@ pub struct BenchReport {
     pub time_to_first_token_ms: Summary,
     pub prefill_tokens_per_s: Summary,
     pub decode_tokens_per_s: Summary,
+    /// Decode speed after `position` tokens of context.
+    pub decode_at: Vec<DecodeAt>,
+    /// This machine's memory bandwidth (triad, same threads), GB/s.
+    pub bandwidth_gb_s: Summary,
+    /// Bytes of weights a decode step reads: every initializer except the embedding table that
+    /// is only gathered from (one row per token).
+    pub weight_bytes_per_token: u64,
+    /// Bandwidth ÷ bytes per token: decode's speed limit, tokens/s.
+    pub decode_limit_tokens_per_s: f64,
+    /// Median decode ÷ the limit.
+    pub decode_fraction_of_limit: f64,
     /// Peak resident memory of the process over all runs, in MB.
     pub peak_rss_mb: Option<f64>,
     /// With `--profile`: where the time goes, per operator kind.
     pub profile: Option<Profile>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeAt {
+    pub position: usize,
+    pub tokens_per_s: Summary,
 }
 
 /// Time per operator kind for one prefill of the prompt and for decoding, per token.
@@ -129,6 +156,86 @@ fn profile(model: &Model, prompt: &[u32], steps: usize) -> anyhow::Result<Profil
     })
 }
 
+/// Decode speed (tokens/s) over [`DECODE_AT_STEPS`] steps after `position` tokens of context.
+fn decode_after(model: &Model, text: &[u32], position: usize) -> anyhow::Result<f64> {
+    let context: Vec<u32> = text.iter().copied().cycle().take(position).collect();
+    let mut s = model.session()?;
+    if !context.is_empty() {
+        s.forward_last(&context)?;
+    }
+    let t0 = Instant::now();
+    for i in 0..DECODE_AT_STEPS {
+        let token = text[i % text.len()];
+        s.forward_last(&[token])?;
+    }
+    Ok(DECODE_AT_STEPS as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A STREAM-style triad `a = b + s·c` over three 64 MB f32 arrays on `threads` threads; GB/s
+/// counted as STREAM does (two reads and a write per element). Best of 3 passes after a warm-up.
+pub fn triad_gb_s(threads: usize) -> f64 {
+    const N: usize = 16 << 20; // 16 Mi floats = 64 MB per array, far beyond any L3 here
+    let threads = threads.max(1);
+    let (mut a, b, c) = (vec![0f32; N], vec![1f32; N], vec![2f32; N]);
+    let chunk = N.div_ceil(threads);
+    let mut best = 0f64;
+    for pass in 0..4 {
+        let t0 = Instant::now();
+        std::thread::scope(|scope| {
+            for ((a, b), c) in a
+                .chunks_mut(chunk)
+                .zip(b.chunks(chunk))
+                .zip(c.chunks(chunk))
+            {
+                scope.spawn(move || {
+                    for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                        *a = b + 3.0 * c;
+                    }
+                });
+            }
+        });
+        let gb_s = (3 * N * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        if pass > 0 {
+            best = best.max(gb_s);
+        }
+    }
+    std::hint::black_box(&a);
+    best
+}
+
+/// Bytes of weights one decode step reads: every initializer of the graph, except a table that
+/// only feeds `Gather` (the embedding, of which a step reads one row).
+pub fn weight_bytes_per_token(dir: &Path) -> anyhow::Result<u64> {
+    use prost::Message;
+    let path = dir.join(crate::bundle::GRAPH_FILE);
+    let proto = tract_onnx::pb::ModelProto::decode(std::fs::read(&path)?.as_slice())?;
+    let graph = proto
+        .graph
+        .ok_or_else(|| anyhow::anyhow!("{} holds no graph", path.display()))?;
+    let gathered_only = |name: &str| {
+        let mut uses = graph
+            .node
+            .iter()
+            .flat_map(|n| n.input.iter().enumerate().map(move |(i, x)| (n, i, x)))
+            .filter(|(_, _, x)| x.as_str() == name)
+            .peekable();
+        uses.peek().is_some() && uses.all(|(n, i, _)| n.op_type == "Gather" && i == 0)
+    };
+    let mut bytes = 0u64;
+    for t in &graph.initializer {
+        if gathered_only(&t.name) {
+            continue;
+        }
+        let length = t
+            .external_data
+            .iter()
+            .find(|e| e.key == "length")
+            .and_then(|e| e.value.parse().ok());
+        bytes += length.unwrap_or(t.raw_data.len() as u64);
+    }
+    Ok(bytes)
+}
+
 /// The process's peak resident set size (`VmHWM`), in MB; Linux only.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -145,6 +252,8 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     );
     let (mut load, mut ttft, mut prefill, mut decode) = (vec![], vec![], vec![], vec![]);
     let mut checks = vec![];
+    let mut at: Vec<Vec<f64>> = vec![vec![]; opts.decode_at.len()];
+
     let mut header = None;
     let mut prof = None;
     for run in 0..opts.runs {
@@ -197,12 +306,38 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         ttft.push(s.time_to_first_token.as_secs_f64() * 1e3);
         prefill.push(s.prefill_tokens_per_s());
         decode.push(s.decode_tokens_per_s());
+        for (i, &position) in opts.decode_at.iter().enumerate() {
+            if position + DECODE_AT_STEPS <= model.context {
+                at[i].push(decode_after(&model, &base, position)?);
+            }
+        }
         if opts.profile && run + 1 == opts.runs {
             prof = Some(profile(&model, &prompt, opts.gen_tokens)?);
         }
     }
     let (model, weights) = header.expect("at least one run");
+    let decode_at = opts
+        .decode_at
+        .iter()
+        .zip(at)
+        .filter(|(_, xs)| !xs.is_empty())
+        .map(|(&position, xs)| DecodeAt {
+            position,
+            tokens_per_s: Summary::of(xs),
+        })
+        .collect();
+    // The peak RSS is the model's: read before the triad allocates its 192 MB.
+    let peak_rss_mb = peak_rss_mb();
+    let bandwidth = Summary::of((0..opts.runs).map(|_| triad_gb_s(opts.threads)).collect());
+    let weight_bytes_per_token = weight_bytes_per_token(dir)?;
+    let limit = bandwidth.median * 1e9 / weight_bytes_per_token as f64;
+    let decode = Summary::of(decode);
     Ok(BenchReport {
+        decode_at,
+        decode_fraction_of_limit: decode.median / limit,
+        decode_limit_tokens_per_s: limit,
+        bandwidth_gb_s: bandwidth,
+        weight_bytes_per_token,
         model,
         weights,
         threads: opts.threads,
@@ -213,8 +348,8 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         checks_ms: Summary::of(checks),
         time_to_first_token_ms: Summary::of(ttft),
         prefill_tokens_per_s: Summary::of(prefill),
-        decode_tokens_per_s: Summary::of(decode),
-        peak_rss_mb: peak_rss_mb(),
+        decode_tokens_per_s: decode,
+        peak_rss_mb,
         profile: prof,
     })
 }
@@ -238,6 +373,23 @@ impl std::fmt::Display for BenchReport {
         row(f, "time to first token", &self.time_to_first_token_ms, "ms")?;
         row(f, "prefill", &self.prefill_tokens_per_s, "tokens/s")?;
         row(f, "decode", &self.decode_tokens_per_s, "tokens/s")?;
+        for d in &self.decode_at {
+            row(
+                f,
+                &format!("decode at {}", d.position),
+                &d.tokens_per_s,
+                "tokens/s",
+            )?;
+        }
+        row(f, "memory bandwidth", &self.bandwidth_gb_s, "GB/s")?;
+        writeln!(
+            f,
+            "  {:<22} {:>9.1} tokens/s  ({:.1} MB of weights per token); decode is {:.0}% of it",
+            "decode limit",
+            self.decode_limit_tokens_per_s,
+            self.weight_bytes_per_token as f64 / 1e6,
+            self.decode_fraction_of_limit * 100.0
+        )?;
         match self.peak_rss_mb {
             Some(mb) => writeln!(f, "  {:<22} {mb:>9.0} MB", "peak RSS")?,
             None => writeln!(f, "  peak RSS               unavailable on this system")?,

@@ -156,6 +156,10 @@ pub struct BenchArgs {
     /// Also show where the time goes, per operator kind (one extra profiled run)
     #[arg(long)]
     pub profile: bool,
+    /// Also time decoding after this many tokens of context (comma-separated; positions the
+    /// context cannot hold are skipped)
+    #[arg(long, value_delimiter = ',', default_value = "32,1024")]
+    pub decode_at: Vec<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -721,6 +725,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         runs: a.runs,
         profile: a.profile,
         quill_kernels: !a.model.tract_kernels,
+        decode_at: a.decode_at.clone(),
     };
     let report = crate::bench::run(&resolved.dir, &opts)?;
     if a.json {

@@ -194,11 +194,27 @@ fn bench_reports_medians_as_json() {
         "16",
         "--gen-tokens",
         "4",
+        "--decode-at",
+        "0,24,100000",
         "--json",
     ];
     let out = quill(&args, b"");
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    // Positions the context cannot hold are left out.
+    let at: Vec<u64> = v["decode_at"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(at, [0, 24], "{v}");
+    // The limit is bandwidth over the weights a step reads: the f32 teacher's 134.5 M
+    // parameters, 4 bytes each; the embedding's gathered-only copy is not counted.
+    let bytes = v["weight_bytes_per_token"].as_f64().unwrap();
+    assert!((5.3e8..5.5e8).contains(&bytes), "{v}");
+    let limit = v["bandwidth_gb_s"]["median"].as_f64().unwrap() * 1e9 / bytes;
+    assert!((v["decode_limit_tokens_per_s"].as_f64().unwrap() - limit).abs() < 1e-6 * limit);
     assert_eq!(v["runs"], 2);
     assert_eq!(v["prompt_tokens"], 16);
     for key in [
@@ -206,6 +222,7 @@ fn bench_reports_medians_as_json() {
         "time_to_first_token_ms",
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
+        "bandwidth_gb_s",
     ] {
         let s = &v[key];
         let (min, med, max) = (
