@@ -225,7 +225,13 @@ impl<const N: usize> LineEditor<N> {
         if garbage {
             return Err(LineError::ControlBytes);
         }
-        std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)
+        let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
+        // C1 controls (U+0080..U+009F) are valid UTF-8 but still control characters: U+009B is
+        // CSI, which some terminals act on when the line is echoed back or printed.
+        if text.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(LineError::ControlBytes);
+        }
+        Ok(text)
     }
 
     /// Forgets the line that [`LineEditor::take`] returned.
@@ -296,6 +302,10 @@ mod tests {
         assert_eq!(lines[1].as_deref(), Ok("ok"));
         let (lines, _) = type_bytes(b"a\x01\x02b\rok\r");
         assert_eq!(lines[0], Err(LineError::ControlBytes));
+        // A C1 control in UTF-8 (U+009B, CSI): the line_editor fuzz target's invariant caught it.
+        let (lines, _) = type_bytes(b"a\xc2\x9b31mb\rok\r");
+        assert_eq!(lines[0], Err(LineError::ControlBytes));
+        assert_eq!(lines[1].as_deref(), Ok("ok"));
         assert_eq!(lines[1].as_deref(), Ok("ok"));
         let (lines, edits) = type_bytes(b"0123456789abcdefXYZ\r\nok\r");
         assert_eq!(lines[0], Err(LineError::TooLong));
