@@ -13,7 +13,7 @@
 //! ```
 //!
 //! The model is the two-block int8 export of the teacher that `cargo xtask cross-check` uses:
-//! real weights, real tokenizer and chat template, about four times faster than the teacher.
+//! real weights, real tokenizer and chat template, several times faster than the teacher.
 //! A PTY carries bytes as fast as both sides go whatever its baud setting: the settings are
 //! applied and checked, but nothing here is paced like a real 9600-baud line.
 
@@ -280,8 +280,8 @@ impl Tally {
     }
 }
 
-/// Runs `requests` requests through `one` (which injects noise before its request and returns
-/// whether it did), measures RSS after the first ones and at the end, and checks the server.
+/// Runs `requests` requests through `one` (which may inject a fault, then sends request `i` and
+/// checks its answer), measures RSS after the first ones and at the end, and checks the server.
 fn run(
     mode: &str,
     baud: u32,
