@@ -172,9 +172,9 @@ pub struct EvalArgs {
     /// Also run this bundle and report how often both predict the same next token
     #[arg(long)]
     pub against: Option<PathBuf>,
-    /// Tokens per window
+    /// Tokens per window (each window is one fresh sequence; at most the model's context)
     #[arg(long, default_value_t = 512)]
-    pub context: usize,
+    pub window: usize,
     /// Tokens between window starts (each window scores its last `stride` tokens)
     #[arg(long, default_value_t = 256)]
     pub stride: usize,
@@ -751,7 +751,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let opts = crate::eval::EvalOptions {
-        context: a.context,
+        context: a.window,
         stride: a.stride,
         max_tokens: a.max_tokens,
         mode: if a.mode == "decode" {
@@ -978,4 +978,46 @@ fn client(a: ClientArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    /// clap's own consistency check over every subcommand.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `eval`'s window and the model's `--context` once shared a name: clap's check above let
+    /// it through, and every `quill eval` without `--context` failed to parse.
+    #[test]
+    fn eval_parses_with_and_without_its_options() {
+        let Command::Eval(a) = Cli::try_parse_from(["quill", "eval", "--text", "t.txt"])
+            .expect("eval with defaults")
+            .command
+        else {
+            panic!("not eval");
+        };
+        assert_eq!((a.window, a.stride, a.model.context), (512, 256, None));
+        let Command::Eval(a) = Cli::try_parse_from([
+            "quill",
+            "eval",
+            "--text",
+            "t.txt",
+            "--window",
+            "64",
+            "--context",
+            "100",
+        ])
+        .expect("eval with a window and a context")
+        .command
+        else {
+            panic!("not eval");
+        };
+        assert_eq!((a.window, a.model.context), (64, Some(100)));
+    }
 }
