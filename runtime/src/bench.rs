@@ -32,7 +32,7 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Also time every operator kind over one prefill and one decode (tract node by node).
     pub profile: bool,
-    /// Use quill's int8 kernel where the CPU has it (see [`LoadOptions::quill_kernels`]).
+    /// Use quill's int8 and attention kernels (see [`LoadOptions::quill_kernels`]).
     pub quill_kernels: bool,
     /// Context lengths after which decoding is also timed ([`DECODE_AT_STEPS`] steps each).
     pub decode_at: Vec<usize>,

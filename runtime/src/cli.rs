@@ -207,7 +207,8 @@ pub struct ModelArgs {
     /// Threads for tract's matrix products [default: the board's, else 1]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Leave int8 matrix products to tract's kernels instead of quill's (for comparisons)
+    /// Leave int8 matrix products and attention to tract's kernels instead of quill's (for
+    /// comparisons)
     #[arg(long)]
     pub tract_kernels: bool,
     /// The board quill runs on (rpi-zero-2w, rpi3, rpi4, rpi5, jetson-nano, jetson-orin-nano, or

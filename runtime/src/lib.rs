@@ -5,6 +5,7 @@
 //! and printing text through a [`stop::StopMatcher`]. [`chat`] renders conversations.
 
 pub mod atomic;
+pub mod attention;
 pub mod bench;
 pub mod board;
 pub mod bundle;

@@ -60,7 +60,8 @@ pub struct LoadOptions {
     /// Check every file's CRC-32 before loading (about 0.1 s per GB).
     pub verify: bool,
     /// Run int8 matrix products in quill's own kernel where the CPU has one
-    /// ([`crate::kernels`]); `false` leaves every operator to tract.
+    /// ([`crate::kernels`]) and attention over the KV cache in quill's ([`crate::attention`]);
+    /// `false` leaves every operator to tract.
     pub quill_kernels: bool,
     /// Have the C allocator return the load's temporary copies of the weights to the system
     /// (glibc only; changes a process-wide allocator setting, see `set_mmap_threshold`).
@@ -259,12 +260,19 @@ fn build_plan(
         model.inputs.len(),
         model.outputs.len()
     );
-    let quill_kernel_ops = if opts.quill_kernels {
+    let mut quill_kernel_ops = if opts.quill_kernels {
         crate::kernels::use_int8_kernels(&mut model).context("installing quill's int8 kernel")?
     } else {
         0
     };
-    let model = model.into_optimized().context("optimizing the graph")?;
+    let mut model = model.into_optimized().context("optimizing the graph")?;
+    if opts.quill_kernels {
+        let capacity = opts
+            .context
+            .map_or(m.context_length, |c| c.min(m.context_length));
+        quill_kernel_ops += crate::attention::use_kv_attention(&mut model, capacity)
+            .context("installing quill's attention")?;
+    }
     let options = RunOptions {
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()

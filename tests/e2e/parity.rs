@@ -137,9 +137,10 @@ fn rope_row_permutation_is_undone() {
 }
 
 /// The optimized graph keeps its KV cache in tract's state and grows it in place, and the
-/// attention, RoPE and RMSNorm patterns were recognised.
+/// attention, RoPE and RMSNorm patterns were recognised; quill's attention then takes the place
+/// of tract's fused one (left in place with `quill_kernels: false`).
 #[test]
-fn optimized_graph_uses_tracts_fused_attention_and_in_place_cache() {
+fn optimized_graph_uses_fused_attention_and_in_place_cache() {
     let m = model();
     let count = |name: &str| {
         m.typed_model()
@@ -150,10 +151,11 @@ fn optimized_graph_uses_tracts_fused_attention_and_in_place_cache() {
     };
     let layers = m.manifest().config.n_layers;
     assert_eq!(
-        count("InPlaceKvSdpa"),
+        count("QuillKvAttention"),
         layers,
-        "one in-place attention per layer"
+        "one quill attention per layer"
     );
+    assert_eq!(count("InPlaceKvSdpa"), 0, "every tract attention replaced");
     assert_eq!(
         count("DynamicKeyValueCache"),
         0,
@@ -166,4 +168,59 @@ fn optimized_graph_uses_tracts_fused_attention_and_in_place_cache() {
         1,
         "only the token ids are fed"
     );
+}
+
+/// Without quill's kernels the graph is tract's own: one fused in-place attention per layer,
+/// and the same greedy tokens over a prompt longer than a cache block.
+#[test]
+fn tracts_attention_and_quills_agree() {
+    let m = model();
+    let plain = quill::Model::load(
+        &m.bundle.dir,
+        &quill::LoadOptions {
+            quill_kernels: false,
+            ..quill::LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let layers = m.manifest().config.n_layers;
+    let count = |model: &quill::Model, name: &str| {
+        model
+            .typed_model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op.name() == name)
+            .count()
+    };
+    assert_eq!(count(&plain, "InPlaceKvSdpa"), layers);
+    assert_eq!(count(&plain, "QuillKvAttention"), 0);
+    // 150 prompt tokens (past two 64-position blocks, in two prefill chunks), then 20 steps.
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(15);
+    let ids = m.tokenizer.encode(&text, false);
+    assert!(ids.len() > 2 * quill::attention::KV_BLOCK, "{}", ids.len());
+    let mut last = Vec::new();
+    for model in [m, &plain] {
+        let mut s = model.session().unwrap();
+        let mut logits = s.forward_last(&ids).unwrap().to_vec();
+        let mut tokens = Vec::new();
+        for _ in 0..20 {
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
+            tokens.push(next);
+            logits = s.forward_last(&[next]).unwrap().to_vec();
+        }
+        last.push((tokens, logits));
+    }
+    assert_eq!(last[0].0, last[1].0, "greedy tokens");
+    let (a, b) = (&last[0].1, &last[1].1);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "final logits differ by up to {worst}");
 }
