@@ -160,7 +160,10 @@ impl Model {
         let t_graph = Instant::now();
         let proto = read_graph(&graph, &bundle.dir)?;
         check_time += t_graph.elapsed();
-        let built = build_plan(&proto, &bundle.dir, m, opts);
+        let built = contain_panic("building the model", || {
+            build_plan(&proto, &bundle.dir, m, opts)
+        })
+        .and_then(|r| r);
         drop(proto);
         if opts.return_memory {
             set_mmap_threshold(32 << 20);
@@ -283,6 +286,23 @@ fn build_plan(
     ))
 }
 
+/// Runs tract code, turning a panic into an error (the outer `Err`).
+///
+/// tract 0.23.9 indexes out of bounds on some malformed graphs: the `bundle_loader` fuzzer
+/// found a `Gather` whose constant indices exceed the shape tensor they index, which panics
+/// while tract types the graph. A kiosk must get a clear error for a damaged bundle, not a
+/// crash. The panic message still reaches stderr through the panic hook.
+fn contain_panic<T>(what: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        anyhow::anyhow!("tract failed (panicked) while {what}: {msg}")
+    })
+}
+
 /// Time spent per operator kind over profiled runs ([`Session::forward_profiled`]).
 #[derive(Debug, Default, Clone)]
 pub struct OpProfile {
@@ -389,23 +409,30 @@ impl Session {
             let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
             Tensor::from_shape(&[1, tokens.len()], &ids)?.into_tvalue()
         };
-        let mut out = match profile {
-            None => self.state.run(tvec![input])?,
-            Some(p) => {
+        let state = &mut self.state;
+        let run = match profile {
+            None => contain_panic("running the model", || state.run(tvec![input])),
+            Some(p) => contain_panic("running the model", || {
                 let t0 = Instant::now();
-                let out =
-                    self.state
-                        .run_plan_with_eval(tvec![input], |ctx, state, node, inputs| {
-                            let t = Instant::now();
-                            let r = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                            let e = p.by_op.entry(node.op.name().to_string()).or_default();
-                            e.0 += t.elapsed();
-                            e.1 += 1;
-                            r
-                        })?;
+                let out = state.run_plan_with_eval(tvec![input], |ctx, state, node, inputs| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                    let e = p.by_op.entry(node.op.name().to_string()).or_default();
+                    e.0 += t.elapsed();
+                    e.1 += 1;
+                    r
+                })?;
                 p.total += t0.elapsed();
                 p.runs += 1;
-                out
+                Ok(out)
+            }),
+        };
+        let mut out = match run {
+            Ok(r) => r?,
+            Err(panicked) => {
+                // tract's state may be half-updated: start the sequence over.
+                self.reset()?;
+                return Err(panicked.context("the conversation was reset").into());
             }
         };
         self.len += tokens.len();

@@ -533,3 +533,41 @@ fn manifests_with_missing_extra_or_wrong_typed_fields_or_foreign_paths() {
         assert!(err.to_string().contains("re-export"), "{name}: {err}");
     }
 }
+
+/// Found by the `bundle_loader` fuzzer: a `Gather` of a shape tensor with an index far out of
+/// range made tract 0.23.9 panic (index out of bounds) while typing the graph. quill contains
+/// the panic and reports the graph as damaged.
+#[test]
+fn a_graph_that_makes_tract_panic_is_an_error() {
+    let dir = small_scratch("gather-out-of-range");
+    let mut proto = graph_proto(&dir);
+    let graph = proto.graph.as_mut().unwrap();
+    let shapes: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Shape")
+        .flat_map(|n| n.output.clone())
+        .collect();
+    let indices = graph
+        .node
+        .iter()
+        .find(|n| n.op_type == "Gather" && shapes.contains(&n.input[0]))
+        .map(|n| n.input[1].clone())
+        .expect("a Gather of a shape in the graph");
+    let t = graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == indices)
+        .expect("the Gather's indices are a constant");
+    let far = 67_108_866i64;
+    if t.raw_data.is_empty() {
+        t.int64_data = vec![far];
+    } else {
+        t.raw_data = far.to_le_bytes().to_vec();
+    }
+    write_graph(&dir, &proto);
+    let err = load(&dir);
+    assert!(matches!(err, BundleError::BadGraph { .. }), "{err:?}");
+    assert_names(&err, GRAPH_FILE);
+    assert!(err.to_string().contains("panicked"), "{err}");
+}
