@@ -30,8 +30,12 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 /// in two). In decode only the lm_head (28 M) is split; in prefill every product is.
 pub const MIN_MACS_TO_SPLIT: usize = 8 << 20;
 
-/// Tokens multiplied per pass over the weights in prefill.
-pub const TOKENS_PER_PASS: usize = 4;
+/// Tokens multiplied per pass over a tile of weights in prefill (8: 16 accumulators and 2
+/// weight registers of AVX-512's 32).
+pub const TOKENS_PER_PASS: usize = 8;
+
+/// Weights per tile in prefill: well inside L2 (1 MB on Zen 4, 512 kB on a Pi 5's cores).
+pub const TILE_BYTES: usize = 128 << 10;
 
 /// `y (…, m, n) i32 = x (…, m, k) i8 · W (k, n) i8`, W constant and pre-packed.
 #[derive(Debug, Clone)]
@@ -167,21 +171,40 @@ impl Int8Linear {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn run_vnni(&self, x: &[i8], out: *mut i32, m: usize, pairs: std::ops::Range<usize>) {
-        let mut t = 0;
-        while t < m {
-            let rows = (m - t).min(TOKENS_PER_PASS);
-            let xs = &x[t * self.k..(t + rows) * self.k];
-            // SAFETY: same features as this function; rows t..t+rows exist in `out`.
-            unsafe {
-                let ys = out.add(t * self.n);
-                match rows {
-                    1 => self.pass_vnni_one(xs, ys, pairs.clone()),
-                    2 => self.pass_vnni::<2>(xs, ys, pairs.clone()),
-                    3 => self.pass_vnni::<3>(xs, ys, pairs.clone()),
-                    _ => self.pass_vnni::<4>(xs, ys, pairs.clone()),
+        // Prefill: the columns go in tiles of about TILE_BYTES of weights, and every token
+        // passes through a tile before the next one is read, so the weights come from memory
+        // once per product and from L2 for each group of tokens (one pass per group over all
+        // of them read 4.3 GB per 128-token chunk of the int8 teacher). Decode: one tile.
+        let pair_bytes = 2 * self.k * 16;
+        let tile = if m <= TOKENS_PER_PASS {
+            pairs.len().max(1)
+        } else {
+            (TILE_BYTES / pair_bytes).max(1)
+        };
+        let mut start = pairs.start;
+        while start < pairs.end {
+            let cols = start..(start + tile).min(pairs.end);
+            let mut t = 0;
+            while t < m {
+                let rows = (m - t).min(TOKENS_PER_PASS);
+                let xs = &x[t * self.k..(t + rows) * self.k];
+                // SAFETY: same features as this function; rows t..t+rows exist in `out`.
+                unsafe {
+                    let ys = out.add(t * self.n);
+                    match rows {
+                        1 => self.pass_vnni_one(xs, ys, cols.clone()),
+                        2 => self.pass_vnni::<2>(xs, ys, cols.clone()),
+                        3 => self.pass_vnni::<3>(xs, ys, cols.clone()),
+                        4 => self.pass_vnni::<4>(xs, ys, cols.clone()),
+                        5 => self.pass_vnni::<5>(xs, ys, cols.clone()),
+                        6 => self.pass_vnni::<6>(xs, ys, cols.clone()),
+                        7 => self.pass_vnni::<7>(xs, ys, cols.clone()),
+                        _ => self.pass_vnni::<8>(xs, ys, cols.clone()),
+                    }
                 }
+                t += rows;
             }
-            t += rows;
+            start = cols.end;
         }
     }
 
@@ -446,11 +469,12 @@ mod tests {
         };
         let pool = Executor::multithread(2);
         // n = 128: whole groups of four blocks; n = 96: three pairs, the last one alone;
-        // 512 × 2048 at 8 rows: big enough (MIN_MACS_TO_SPLIT) to be split over the threads.
+        // 512 × 2048 at 8 rows: big enough (MIN_MACS_TO_SPLIT) to be split over the threads;
+        // at 20 rows: several tiles of columns, each with three groups of tokens.
         for (k, n, rows) in [
             (72, 128, &[1, 2, 3, 4, 5, 9][..]),
             (64, 96, &[1, 3, 6]),
-            (512, 2048, &[1, 8]),
+            (512, 2048, &[1, 8, 20]),
         ] {
             let mut w: Vec<i8> = (0..k * n).map(|_| rnd()).collect();
             w[0] = -128;
