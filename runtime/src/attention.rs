@@ -86,6 +86,8 @@ impl EvalOp for KvAttention {
             len: 0,
             row: 0,
             scores: Vec::new(),
+            qs: Vec::new(),
+            os: Vec::new(),
         })))
     }
 }
@@ -113,8 +115,11 @@ pub struct KvAttentionState {
     len: usize,
     /// `kv_heads · head_dim`, fixed by the first step (0 before it).
     row: usize,
-    /// Softmax scratch, one score per visible position.
+    /// Softmax scratch, one score per visible position and query head of a group.
     scores: Vec<f32>,
+    /// One group's query rows and outputs, `(heads / kv_heads, head_dim)`.
+    qs: Vec<f32>,
+    os: Vec<f32>,
 }
 
 impl KvAttentionState {
@@ -199,7 +204,8 @@ impl OpState for KvAttentionState {
             let blocks = self.op.capacity.max(s).div_ceil(KV_BLOCK);
             self.k.reserve_exact(blocks);
             self.v.reserve_exact(blocks);
-            self.scores.reserve_exact(self.op.capacity.max(s));
+            self.scores
+                .reserve_exact(self.op.capacity.max(s) * (heads / kv_heads));
         }
         ensure!(
             self.row == row,
@@ -255,8 +261,9 @@ impl OpState for KvAttentionState {
         let q = q.try_as_plain_ram()?.as_slice::<f32>()?;
         let mut out = vec![0f32; heads * s * d];
         // The query heads of one kv head, for one query row: (group, d) in, (group, d) out.
-        let mut qs = vec![0f32; group * d];
-        let mut os = vec![0f32; group * d];
+        let (qs, os) = (&mut self.qs, &mut self.os);
+        qs.resize(group * d, 0.0);
+        os.resize(group * d, 0.0);
         for g in 0..kv_heads {
             for i in 0..s {
                 // Causal: query i (absolute position past + i) sees positions 0..=past + i.
@@ -273,7 +280,7 @@ impl OpState for KvAttentionState {
                     _ => None,
                 };
                 attend(
-                    &qs,
+                    qs,
                     &self.k,
                     &self.v,
                     Cache {
@@ -284,7 +291,7 @@ impl OpState for KvAttentionState {
                     scale,
                     mask,
                     &mut self.scores,
-                    &mut os,
+                    os,
                 );
                 for t in 0..group {
                     let h = g * group + t;
