@@ -36,7 +36,7 @@ fn fixture() -> &'static Fixture {
         // quill contains panics inside tract (`Model::load` turns them into `BadGraph`), but
         // libfuzzer-sys's hook aborts on every panic, caught or not. Print instead: a panic
         // that escapes quill still aborts the run (libfuzzer-sys aborts when one reaches it).
-        std::panic::set_hook(Box::new(|info| eprintln!("contained? {info}")));
+        std::panic::set_hook(Box::new(|info| eprintln!("panic during the load: {info}")));
         let work = quill_fuzz::scratch_dir("bundle-loader");
         let dir = quill_fuzz::tiny_bundle(&work);
         let read = |name: &str| fs::read(dir.join(name)).expect("reading the tiny bundle");
