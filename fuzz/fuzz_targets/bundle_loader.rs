@@ -88,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
         threads: 1,
         verify: true,
         quill_kernels: true,
+        quill_attention: true,
         // A process-wide allocator setting: leave it alone under the fuzzer.
         return_memory: false,
         context: Some(8),

@@ -32,7 +32,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Also time every operator kind over one prefill and one decode (tract node by node).
     pub profile: bool,
-    /// Use quill's int8 and attention kernels (see [`LoadOptions::quill_kernels`]).
+    /// Use quill's int8 and attention kernels ([`LoadOptions::quill_kernels`] and
+    /// [`LoadOptions::quill_attention`]).
     pub quill_kernels: bool,
     /// Context lengths after which decoding is also timed ([`DECODE_AT_STEPS`] steps each).
     pub decode_at: Vec<usize>,
@@ -264,6 +265,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 threads: opts.threads,
                 verify: true,
                 quill_kernels: opts.quill_kernels,
+                quill_attention: opts.quill_kernels,
                 return_memory: true,
                 context: None,
             },

@@ -301,6 +301,7 @@ impl ModelArgs {
                 threads,
                 verify: true,
                 quill_kernels: !self.tract_kernels,
+                quill_attention: !self.tract_kernels,
                 return_memory: true,
                 context: Some(context),
             },

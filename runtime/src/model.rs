@@ -60,9 +60,11 @@ pub struct LoadOptions {
     /// Check every file's CRC-32 before loading (about 0.1 s per GB).
     pub verify: bool,
     /// Run int8 matrix products in quill's own kernel where the CPU has one
-    /// ([`crate::kernels`]) and attention over the KV cache in quill's ([`crate::attention`]);
-    /// `false` leaves every operator to tract.
+    /// ([`crate::kernels`]); `false` leaves them to tract.
     pub quill_kernels: bool,
+    /// Run attention over the KV cache in quill's op ([`crate::attention`]) instead of
+    /// tract-transformers' `InPlaceKvSdpa`.
+    pub quill_attention: bool,
     /// Have the C allocator return the load's temporary copies of the weights to the system
     /// (glibc only; changes a process-wide allocator setting, see `set_mmap_threshold`).
     pub return_memory: bool,
@@ -77,6 +79,7 @@ impl Default for LoadOptions {
             threads: 1,
             verify: true,
             quill_kernels: true,
+            quill_attention: true,
             return_memory: true,
             context: None,
         }
@@ -96,6 +99,8 @@ pub struct Model {
     pub check_time: Duration,
     /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
     pub quill_kernel_ops: usize,
+    /// Attention nodes running in quill's op ([`crate::attention`]): one per layer, or 0.
+    pub quill_attention_ops: usize,
     /// Most tokens a session holds: the bundle's context, or less ([`LoadOptions::context`]).
     pub context: usize,
 }
@@ -168,10 +173,11 @@ impl Model {
         if opts.return_memory {
             set_mmap_threshold(32 << 20);
         }
-        let (plan, quill_kernel_ops) = built.map_err(|e| BundleError::BadGraph {
-            path: graph.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let (plan, quill_kernel_ops, quill_attention_ops) =
+            built.map_err(|e| BundleError::BadGraph {
+                path: graph.clone(),
+                reason: format!("{e:#}"),
+            })?;
         let context = opts.context.map_or(bundle.manifest.context_length, |c| {
             c.min(bundle.manifest.context_length)
         });
@@ -182,6 +188,7 @@ impl Model {
             load_time: t0.elapsed(),
             check_time,
             quill_kernel_ops,
+            quill_attention_ops,
             context,
         })
     }
@@ -234,7 +241,7 @@ fn build_plan(
     dir: &Path,
     m: &Manifest,
     opts: &LoadOptions,
-) -> anyhow::Result<(Arc<Plan>, usize)> {
+) -> anyhow::Result<(Arc<Plan>, usize, usize)> {
     let threads = opts.threads;
     let parsed = tract_onnx::onnx()
         .parse(proto, dir.to_str())
@@ -263,17 +270,18 @@ fn build_plan(
         model.inputs.len(),
         model.outputs.len()
     );
-    let mut quill_kernel_ops = if opts.quill_kernels {
+    let quill_kernel_ops = if opts.quill_kernels {
         crate::kernels::use_int8_kernels(&mut model).context("installing quill's int8 kernel")?
     } else {
         0
     };
     let mut model = model.into_optimized().context("optimizing the graph")?;
-    if opts.quill_kernels {
+    let mut quill_attention_ops = 0;
+    if opts.quill_attention {
         let capacity = opts
             .context
             .map_or(m.context_length, |c| c.min(m.context_length));
-        quill_kernel_ops += crate::attention::use_kv_attention(&mut model, capacity)
+        quill_attention_ops = crate::attention::use_kv_attention(&mut model, capacity)
             .context("installing quill's attention")?;
     }
     let options = RunOptions {
@@ -283,6 +291,7 @@ fn build_plan(
     Ok((
         model.into_runnable_with_options(&options)?,
         quill_kernel_ops,
+        quill_attention_ops,
     ))
 }
 

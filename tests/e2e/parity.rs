@@ -138,7 +138,7 @@ fn rope_row_permutation_is_undone() {
 
 /// The optimized graph keeps its KV cache in tract's state and grows it in place, and the
 /// attention, RoPE and RMSNorm patterns were recognised; quill's attention then takes the place
-/// of tract's fused one (left in place with `quill_kernels: false`).
+/// of tract's fused one (left in place with `quill_attention: false`).
 #[test]
 fn optimized_graph_uses_fused_attention_and_in_place_cache() {
     let m = model();
@@ -178,7 +178,7 @@ fn tracts_attention_and_quills_agree() {
     let plain = quill::Model::load(
         &m.bundle.dir,
         &quill::LoadOptions {
-            quill_kernels: false,
+            quill_attention: false,
             ..quill::LoadOptions::default()
         },
     )

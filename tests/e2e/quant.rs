@@ -86,6 +86,7 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
         0
     };
     assert_eq!(m.quill_kernel_ops, expected_quill);
+    assert_eq!(m.quill_attention_ops, cfg.n_layers);
     let linear_params = cfg.n_params - cfg.vocab_size * cfg.d_model; // all but the embedding
     assert!(
         int8_bytes as f64 > 0.95 * linear_params as f64,
