@@ -279,20 +279,14 @@ impl OpState for KvAttentionState {
                     (Some(_), Some(md)) => Some((&md[(g * group * s + i) * total..], s * total)),
                     _ => None,
                 };
-                attend(
-                    qs,
-                    &self.k,
-                    &self.v,
-                    Cache {
-                        head: g,
-                        visible,
-                        head_dim: d,
-                    },
+                let at = Cache {
+                    head: g,
+                    visible,
+                    head_dim: d,
                     scale,
                     mask,
-                    &mut self.scores,
-                    os,
-                );
+                };
+                attend(qs, &self.k, &self.v, at, &mut self.scores, os);
                 for t in 0..group {
                     let h = g * group + t;
                     out[(h * s + i) * d..][..d].copy_from_slice(&os[t * d..][..d]);
@@ -382,53 +376,48 @@ fn vector(cache: &[Box<[f32]>], pos: usize, head: usize, d: usize) -> &[f32] {
 
 /// One kv head's view of a layer's cache.
 #[derive(Clone, Copy)]
-struct Cache {
+struct Cache<'m> {
     /// The kv head.
     head: usize,
     /// Positions the queries see.
     visible: usize,
     head_dim: usize,
+    scale: f32,
+    /// Head 0's mask row and the distance to the next head's (0: shared), if any.
+    mask: Option<(&'m [f32], usize)>,
 }
 
 /// Attention of the `qs.len() / d` query heads sharing one kv head, for one query row:
 /// `o_t = softmax_j(scale · q_t·K[j] + mask_t[j]) · V`, `j < visible`. Each cached vector is
 /// read once for the whole group. `mask`: head 0's row and the distance to the next head's.
 /// The AVX2 + FMA copy where the CPU has it.
-#[allow(clippy::too_many_arguments)]
 fn attend(
     qs: &[f32],
     k: &[Box<[f32]>],
     v: &[Box<[f32]>],
-    at: Cache,
-    scale: f32,
-    mask: Option<(&[f32], usize)>,
+    at: Cache<'_>,
     scores: &mut Vec<f32>,
     os: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { attend_avx2(qs, k, v, at, scale, mask, scores, os) };
+        return unsafe { attend_avx2(qs, k, v, at, scores, os) };
     }
-    attend_impl::<FUSED_BASELINE, { cfg!(target_arch = "aarch64") }>(
-        qs, k, v, at, scale, mask, scores, os,
-    )
+    attend_impl::<FUSED_BASELINE, { cfg!(target_arch = "aarch64") }>(qs, k, v, at, scores, os)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 fn attend_avx2(
     qs: &[f32],
     k: &[Box<[f32]>],
     v: &[Box<[f32]>],
-    at: Cache,
-    scale: f32,
-    mask: Option<(&[f32], usize)>,
+    at: Cache<'_>,
     scores: &mut Vec<f32>,
     os: &mut [f32],
 ) {
-    attend_impl::<true, true>(qs, k, v, at, scale, mask, scores, os)
+    attend_impl::<true, true>(qs, k, v, at, scores, os)
 }
 
 /// Whether `mul_add` is one instruction on the baseline target (aarch64); elsewhere the
@@ -436,14 +425,11 @@ fn attend_avx2(
 const FUSED_BASELINE: bool = cfg!(target_arch = "aarch64");
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attend_impl<const FUSED: bool, const SIMD: bool>(
     qs: &[f32],
     k: &[Box<[f32]>],
     v: &[Box<[f32]>],
-    at: Cache,
-    scale: f32,
-    mask: Option<(&[f32], usize)>,
+    at: Cache<'_>,
     scores: &mut Vec<f32>,
     os: &mut [f32],
 ) {
@@ -465,12 +451,12 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
                     simd_dot(q, kj)
                 } else {
                     dot::<FUSED>(q, kj)
-                } * scale;
+                } * at.scale;
             }
         }
     }
     for (t, st) in scores.chunks_exact_mut(n).enumerate() {
-        if let Some((m, stride)) = mask {
+        if let Some((m, stride)) = at.mask {
             for (s, &mj) in st.iter_mut().zip(&m[t * stride..][..n]) {
                 *s += mj;
             }
@@ -794,9 +780,10 @@ mod tests {
                         head: g,
                         visible: n,
                         head_dim: d,
+                        scale: (d as f32).sqrt().recip(),
+                        mask: None,
                     };
-                    let scale = (d as f32).sqrt().recip();
-                    attend(&qs, &k, &v, at, scale, None, &mut scores, &mut os);
+                    attend(&qs, &k, &v, at, &mut scores, &mut os);
                     for (q, o) in qs.chunks(d).zip(os.chunks(d)) {
                         let want = naive(q, &k, &v, g, n);
                         for (a, b) in o.iter().zip(&want) {
@@ -817,14 +804,16 @@ mod tests {
         let qs = vec![0.5f32; 2 * d]; // two heads
         let mut os = vec![0.0; 2 * d];
         let mut scores = Vec::new();
+        // Head 0 may not see position 1; head 1 sees everything.
+        let mask = [0.0, f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0];
         let at = Cache {
             head: 0,
             visible: 3,
             head_dim: d,
+            scale: 1.0,
+            mask: Some((&mask, 3)),
         };
-        // Head 0 may not see position 1; head 1 sees everything.
-        let mask = [0.0, f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0];
-        attend(&qs, &k, &v, at, 1.0, Some((&mask, 3)), &mut scores, &mut os);
+        attend(&qs, &k, &v, at, &mut scores, &mut os);
         assert!(os[..d].iter().all(|&x| x == 0.0), "{os:?}");
         assert!(
             os[d..].iter().all(|&x| (x - 5.0 / 3.0).abs() < 1e-6),
@@ -832,7 +821,11 @@ mod tests {
         );
         // A mask shared by both heads (stride 0), every position masked: zeros.
         let all = [f32::NEG_INFINITY; 3];
-        attend(&qs, &k, &v, at, 1.0, Some((&all, 0)), &mut scores, &mut os);
+        let at = Cache {
+            mask: Some((&all, 0)),
+            ..at
+        };
+        attend(&qs, &k, &v, at, &mut scores, &mut os);
         assert!(os.iter().all(|&x| x == 0.0), "{os:?}");
     }
 
