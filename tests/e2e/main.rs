@@ -6,6 +6,7 @@ mod atomic;
 mod boards;
 mod bundle_errors;
 mod cli;
+mod distill;
 mod eval;
 mod generate;
 mod gguf_types;

@@ -154,7 +154,23 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         weights.blocks = keep.iter().filter_map(|&b| all[b].take()).collect();
         weights.config.n_layers = keep.len();
     }
-    let tokenizer = tokenizer_export::from_gguf(&g)?;
+    write_bundle(opts, &g, weights, t0)
+}
+
+/// Exports weights made elsewhere (a distilled student) with the tokenizer and source
+/// description of `opts.teacher`, the checkpoint they descend from; `opts.blocks` is ignored.
+pub fn export_weights(opts: &ExportOptions, weights: LlamaWeights) -> Result<Manifest> {
+    let g = Gguf::open(&opts.teacher)?;
+    write_bundle(opts, &g, weights, Instant::now())
+}
+
+fn write_bundle(
+    opts: &ExportOptions,
+    g: &Gguf,
+    mut weights: LlamaWeights,
+    t0: Instant,
+) -> Result<Manifest> {
+    let tokenizer = tokenizer_export::from_gguf(g)?;
     let source_sha256 = crate::fetch::sha256_file(&opts.teacher)?;
     let source_bytes = fs::metadata(&opts.teacher)?.len();
 

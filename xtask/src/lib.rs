@@ -1,9 +1,10 @@
 //! quill's build step as a library: read GGUF checkpoints, fetch the teacher, export bundles,
 //! and an independent float reference forward pass (used by the tests to check the exported
-//! graph).
+//! graph), and the distillation of a smaller student.
 
 pub mod calibrate;
 pub mod cross;
+pub mod distill;
 pub mod export;
 pub mod fetch;
 pub mod gguf;

@@ -58,6 +58,34 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         blocks: Option<Vec<usize>>,
     },
+    /// Distill a smaller student from the teacher (models/presets/NAME.toml's [distill] table),
+    /// quantize and export it, and write its model card (models/NAME/README.md); resumes from
+    /// its checkpoint after an interrupt
+    Distill {
+        #[arg(long)]
+        preset: String,
+        /// Start over even if a checkpoint of this preset exists
+        #[arg(long)]
+        fresh: bool,
+        /// Train on this many tokens instead of the preset's budget (a reduced run)
+        #[arg(long)]
+        tokens: Option<usize>,
+        /// Bundle directory [default: models/bundles/<preset's bundle name>]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Work directory for the checkpoint and scores [default: target/distill/<preset>]
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Model card directory [default: models/<preset>]
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// Skip the model card (its measurements take a few minutes)
+        #[arg(long)]
+        no_card: bool,
+        /// Stop after this many steps (checkpoint saved, as with Ctrl-C); run again to resume
+        #[arg(long)]
+        stop_after: Option<usize>,
+    },
     /// Install what cross builds need (Debian's Rust 1.96 with the arm64 std, std sources for
     /// armv7, gcc cross linkers, qemu-user); does nothing when they are there
     SetupCross,
@@ -190,6 +218,33 @@ fn main() -> Result<()> {
                 quant: q,
                 blocks,
             })?;
+        }
+        Cmd::Distill {
+            preset,
+            fresh,
+            tokens,
+            out,
+            work,
+            card,
+            no_card,
+            stop_after,
+        } => {
+            let p = xtask::preset::Preset::load(&preset)?;
+            let opts = xtask::distill::DistillOptions {
+                fresh,
+                tokens,
+                out,
+                work,
+                card,
+                no_card,
+                stop_after,
+                ..Default::default()
+            };
+            match xtask::distill::distill(&p, &opts)? {
+                Some(d) => println!("{}", d.bundle.display()),
+                // Interrupted (Ctrl-C) or sliced: the checkpoint is saved.
+                None => std::process::exit(130),
+            }
         }
         Cmd::SetupCross => xtask::cross::setup()?,
         Cmd::Build {

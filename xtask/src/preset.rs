@@ -17,6 +17,9 @@ pub struct Preset {
     pub quant: String,
     #[serde(default)]
     pub calibrate: usize,
+    /// A distilled student ([`crate::distill`]); absent: the teacher itself.
+    #[serde(default)]
+    pub distill: Option<crate::distill::DistillConfig>,
 }
 
 impl Preset {
@@ -29,7 +32,7 @@ impl Preset {
         toml::from_str(&text).with_context(|| format!("{} is not a valid preset", path.display()))
     }
 
-    fn format(&self) -> Result<WeightFormat> {
+    pub fn format(&self) -> Result<WeightFormat> {
         Ok(match self.quant.as_str() {
             "int8" => WeightFormat::Int8,
             "f16" => WeightFormat::F16,
@@ -41,14 +44,38 @@ impl Preset {
         })
     }
 
-    /// The preset's bundle under `models/bundles/`, exported now if it is not there yet.
+    /// The name of the preset's bundle under `models/bundles/`.
+    pub fn bundle_name(&self) -> String {
+        match &self.distill {
+            Some(_) => format!("smollm2-135m-{}-{}", self.name, self.quant),
+            None => {
+                let mut name = format!("smollm2-135m-instruct-{}", self.quant);
+                if self.calibrate > 0 {
+                    name.push_str("-gptq");
+                }
+                name
+            }
+        }
+    }
+
+    /// The preset's bundle under `models/bundles/`, made now (exported, or distilled) if it is
+    /// not there yet.
     pub fn bundle(&self) -> Result<PathBuf> {
         let format = self.format()?;
+        if self.distill.is_some() {
+            let dir = export::default_out_dir(&crate::workspace_root(), &self.bundle_name());
+            if quill::bundle::Bundle::open(&dir).is_ok() {
+                return Ok(dir);
+            }
+            let d = crate::distill::distill(self, &crate::distill::DistillOptions::default())?;
+            return d
+                .map(|d| d.bundle)
+                .context("distillation interrupted; run it again to resume");
+        }
         let mut quant = QuantOptions::new(format);
-        let mut name = export::default_name(format);
+        let name = self.bundle_name();
         if self.calibrate > 0 {
             quant.calibrate = Some(self.calibrate);
-            name.push_str("-gptq");
         }
         let dir = export::default_out_dir(&crate::workspace_root(), &name);
         if quill::bundle::Bundle::open(&dir).is_ok() {

@@ -1,0 +1,375 @@
+//! `cargo xtask distill --preset NAME`: a smaller student from the teacher, healed by knowledge
+//! distillation in Rust (candle, CPU), then quantized and exported like any other bundle.
+//!
+//! 1. **Choose**: every teacher block is scored on calibration windows of the training text by
+//!    the angular distance between the residual stream entering and leaving it
+//!    ([`importance`]); the `keep_blocks` most important blocks are kept, in order, with the
+//!    embedding (tied head) and final norm.
+//! 2. **Heal**: [`train`] — KL to the teacher at temperature `T` plus cross-entropy on the data.
+//! 3. **Export**: the healed student goes through [`crate::export`] (rotations, int8) into
+//!    `models/bundles/<bundle name>`.
+//! 4. **Card**: [`card`] measures teacher and student with quill itself (held-out perplexity,
+//!    agreement, `quill bench`) and writes `models/<preset>/README.md` with the loss curves.
+//!
+//! Work lives in `target/distill/<preset>/` (importance scores, checkpoint); a run interrupted
+//! by Ctrl-C or a crash resumes from its checkpoint when the same command is run again.
+
+pub mod card;
+pub mod importance;
+pub mod kd;
+pub mod model;
+pub mod plot;
+pub mod progress;
+pub mod train;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::export::{ExportOptions, QuantOptions, WeightFormat};
+use crate::gguf::Gguf;
+use crate::llama::LlamaWeights;
+use crate::preset::Preset;
+use model::Decoder;
+
+/// The `[distill]` table of a preset: the student and its healing budget.
+///
+/// The defaults are sized for a 2-core CPU; on a bigger machine raise `tokens` (the budget),
+/// `batch` and `accumulate` — nothing else in the pipeline depends on the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// Teacher blocks the student keeps (the most important ones).
+    pub keep_blocks: usize,
+    /// Calibration windows (of `seq_len` training tokens) for the block importance scores.
+    #[serde(default = "defaults::importance_windows")]
+    pub importance_windows: usize,
+    /// Training budget in tokens (inputs seen by the student).
+    pub tokens: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch, and micro-batches per optimizer step.
+    pub batch: usize,
+    pub accumulate: usize,
+    /// Peak and final learning rate (cosine decay), linear warm-up steps.
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this.
+    #[serde(default = "defaults::clip")]
+    pub clip: f64,
+    /// Distillation temperature `T` and weight `α` of the KL term (1 − α on cross-entropy).
+    pub temperature: f64,
+    pub alpha: f64,
+    /// Train the (tied) embedding too: 28 M more parameters to update; off by default.
+    #[serde(default)]
+    pub train_embedding: bool,
+    /// Save a checkpoint every this many steps (and at the end, and on Ctrl-C).
+    pub checkpoint_every: usize,
+    /// Measure the held-out loss every this many steps (0: only before and after).
+    pub eval_every: usize,
+    /// Held-out windows (of `seq_len + 1` tokens) for that curve.
+    #[serde(default = "defaults::eval_windows")]
+    pub eval_windows: usize,
+    /// Order of the training windows.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+mod defaults {
+    pub fn importance_windows() -> usize {
+        8
+    }
+    pub fn weight_decay() -> f64 {
+        0.01
+    }
+    pub fn clip() -> f64 {
+        1.0
+    }
+    pub fn eval_windows() -> usize {
+        8
+    }
+}
+
+impl DistillConfig {
+    /// A minimal configuration for unit tests.
+    pub fn tiny_for_tests() -> DistillConfig {
+        DistillConfig {
+            keep_blocks: 2,
+            importance_windows: 1,
+            tokens: 64,
+            seq_len: 16,
+            batch: 2,
+            accumulate: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 1,
+            weight_decay: 0.01,
+            clip: 1.0,
+            temperature: 2.0,
+            alpha: 0.5,
+            train_embedding: false,
+            checkpoint_every: 1,
+            eval_every: 1,
+            eval_windows: 1,
+            seed: 0,
+        }
+    }
+
+    fn check(&self, teacher_blocks: usize) -> Result<()> {
+        ensure!(
+            (1..=teacher_blocks).contains(&self.keep_blocks),
+            "keep_blocks must be between 1 and the teacher's {teacher_blocks} blocks, got {}",
+            self.keep_blocks
+        );
+        ensure!(
+            self.seq_len >= 2 && self.batch >= 1 && self.accumulate >= 1,
+            "seq_len ≥ 2, batch ≥ 1 and accumulate ≥ 1 are required"
+        );
+        ensure!(
+            self.temperature > 0.0 && (0.0..=1.0).contains(&self.alpha),
+            "temperature must be positive and alpha within [0, 1]"
+        );
+        ensure!(
+            self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "learning rates: 0 ≤ min_lr ≤ lr, lr > 0"
+        );
+        Ok(())
+    }
+}
+
+/// Options of one `cargo xtask distill` run beyond the preset.
+#[derive(Debug, Clone, Default)]
+pub struct DistillOptions {
+    /// Ignore (and replace) an existing checkpoint.
+    pub fresh: bool,
+    /// Override the preset's token budget (a reduced run of the same pipeline).
+    pub tokens: Option<usize>,
+    /// Where the bundle goes [default: models/bundles/<preset's bundle name>].
+    pub out: Option<PathBuf>,
+    /// Work directory [default: target/distill/<preset>].
+    pub work: Option<PathBuf>,
+    /// Model card directory [default: models/<preset>]; `None` with `no_card` skips it.
+    pub card: Option<PathBuf>,
+    pub no_card: bool,
+    /// How much the card measures.
+    pub measure: card::Measure,
+    /// Stop after this many steps of this run, as Ctrl-C does (checkpoint saved; the next run
+    /// resumes): training in slices.
+    pub stop_after: Option<usize>,
+}
+
+/// What a finished distillation produced.
+#[derive(Debug)]
+pub struct Distilled {
+    pub bundle: PathBuf,
+    pub kept: Vec<usize>,
+    pub progress: train::Progress,
+    pub card: Option<PathBuf>,
+}
+
+/// Token ids of the training and held-out texts, with the tokenizer that made them.
+pub struct Texts {
+    pub train: Vec<u32>,
+    pub eval: Vec<u32>,
+    pub eval_text: String,
+}
+
+fn texts(g: &Gguf) -> Result<Texts> {
+    let tok = crate::tokenizer_export::from_gguf(g)?;
+    let tok = quill::Tokenizer::from_json(&tok.json).map_err(anyhow::Error::msg)?;
+    let split = crate::text::shakespeare()?;
+    let train = std::fs::read_to_string(&split.train)?;
+    let eval_text = std::fs::read_to_string(&split.eval)?;
+    Ok(Texts {
+        train: tok.encode(&train, false),
+        eval: tok.encode(&eval_text, false),
+        eval_text,
+    })
+}
+
+/// `n` windows of `len` tokens spread evenly over `ids`.
+pub fn spread_windows(ids: &[u32], len: usize, n: usize) -> Vec<&[u32]> {
+    if ids.len() < len || n == 0 {
+        return Vec::new();
+    }
+    let room = ids.len() - len;
+    (0..n)
+        .map(|i| {
+            let start = if n == 1 { 0 } else { room * i / (n - 1) };
+            &ids[start..start + len]
+        })
+        .collect()
+}
+
+/// The whole pipeline for a preset with a `[distill]` table. `None`: training stopped early
+/// (Ctrl-C or `stop_after`) with its checkpoint saved; run it again to resume.
+pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distilled>> {
+    let mut config = preset
+        .distill
+        .clone()
+        .with_context(|| format!("preset {} has no [distill] table", preset.name))?;
+    if let Some(t) = opts.tokens {
+        config.tokens = t;
+    }
+    let root = crate::workspace_root();
+    let work = opts
+        .work
+        .clone()
+        .unwrap_or_else(|| root.join("target/distill").join(&preset.name));
+    std::fs::create_dir_all(&work)?;
+    let teacher_path = crate::fetch::teacher()?;
+    let g = Gguf::open(&teacher_path)?;
+    let weights = LlamaWeights::from_gguf(&g, true)?;
+    config.check(weights.config.n_layers)?;
+    let texts = texts(&g)?;
+    eprintln!(
+        "teacher: {} blocks, {:.1} M parameters; text: {} training and {} held-out tokens",
+        weights.config.n_layers,
+        weights.config.n_params() as f64 / 1e6,
+        texts.train.len(),
+        texts.eval.len()
+    );
+
+    // 1. Choose the blocks.
+    let teacher = Decoder::new(&weights, false, false)?;
+    let calib = spread_windows(&texts.train, config.seq_len, config.importance_windows);
+    let scores = importance::score(&teacher, &calib)?;
+    let kept = importance::keep(&scores, config.keep_blocks);
+    importance::save(&work.join("importance.json"), &scores, &kept)?;
+    eprintln!("keeping blocks {kept:?} of {}", scores.len());
+    let mut student_w = weights.clone();
+    student_w.blocks = kept.iter().map(|&b| weights.blocks[b].clone()).collect();
+    student_w.config.n_layers = kept.len();
+    let student = Decoder::new(&student_w, true, config.train_embedding)?;
+
+    // 2. Heal, resuming from a checkpoint of the same configuration.
+    let checkpoint = work.join("checkpoint.safetensors");
+    let mut progress = train::Progress::default();
+    let mut resumed = None;
+    if checkpoint.exists() && !opts.fresh {
+        let ck = train::load_checkpoint(&checkpoint)?;
+        ensure!(
+            ck.config == config,
+            "{} was made with another configuration ({:?}); pass --fresh to start over, or \
+             restore the preset it was made with",
+            checkpoint.display(),
+            ck.config
+        );
+        student.load(&ck.tensors)?;
+        eprintln!(
+            "resuming from {} at step {} ({} tokens)",
+            checkpoint.display(),
+            ck.progress.step,
+            ck.progress.tokens
+        );
+        progress = ck.progress;
+        resumed = Some(ck.tensors);
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second Ctrl-C while the checkpoint is written kills the process the usual way.
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: finishing this step and saving a checkpoint…");
+        });
+    }
+    let eval_windows = spread_windows(&texts.eval, config.seq_len + 1, config.eval_windows);
+    let run = train::Run {
+        config: &config,
+        teacher: &teacher,
+        student: &student,
+        train_ids: &texts.train,
+        eval_windows,
+        checkpoint: checkpoint.clone(),
+        interrupted,
+        stop_after: opts.stop_after,
+    };
+    if run.train(&mut progress, resumed.as_ref())? == train::Outcome::Interrupted {
+        return Ok(None);
+    }
+    drop(resumed);
+
+    // 3. Export the healed student.
+    let bundle = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::export::default_out_dir(&root, &preset.bundle_name()));
+    let healed = student.to_weights()?;
+    drop(student);
+    drop(teacher);
+    crate::export::export_weights(
+        &ExportOptions {
+            teacher: teacher_path.clone(),
+            out_dir: bundle.clone(),
+            name: preset.bundle_name(),
+            quant: QuantOptions::new(preset.format()?),
+            blocks: None,
+        },
+        healed.clone(),
+    )?;
+
+    // 4. The model card.
+    let card = if opts.no_card {
+        None
+    } else {
+        let dir = opts
+            .card
+            .clone()
+            .unwrap_or_else(|| root.join("models").join(&preset.name));
+        card::write(&card::Inputs {
+            preset,
+            config: &config,
+            teacher_path: &teacher_path,
+            teacher: &weights,
+            pruned: &student_w,
+            healed: &healed,
+            bundle: &bundle,
+            scores: &scores,
+            kept: &kept,
+            progress: &progress,
+            eval_text: &texts.eval_text,
+            work: &work,
+            dir: &dir,
+            measure: &opts.measure,
+        })?;
+        Some(dir)
+    };
+    Ok(Some(Distilled {
+        bundle,
+        kept,
+        progress,
+        card,
+    }))
+}
+
+/// A float32 bundle of `w` in `dir` (for measurements), unless one is there already.
+pub fn float_bundle(
+    teacher: &std::path::Path,
+    w: &LlamaWeights,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<()> {
+    if quill::bundle::Bundle::open(dir).is_ok() {
+        return Ok(());
+    }
+    crate::export::export_weights(
+        &ExportOptions {
+            teacher: teacher.to_owned(),
+            out_dir: dir.to_owned(),
+            name: name.to_string(),
+            quant: QuantOptions::new(WeightFormat::F32),
+            blocks: None,
+        },
+        w.clone(),
+    )?;
+    Ok(())
+}
