@@ -67,7 +67,8 @@ enum Cmd {
         /// Start over even if a checkpoint of this preset exists
         #[arg(long)]
         fresh: bool,
-        /// Train on this many tokens instead of the preset's budget (a reduced run)
+        /// Train on this many tokens instead of the preset's budget: a reduced run, exported as
+        /// models/bundles/<bundle name>-reduced, its card in the work directory
         #[arg(long)]
         tokens: Option<usize>,
         /// Bundle directory [default: models/bundles/<preset's bundle name>]

@@ -148,11 +148,12 @@ impl DistillConfig {
 pub struct DistillOptions {
     /// Ignore (and replace) an existing checkpoint.
     pub fresh: bool,
-    /// Override the preset's token budget (a reduced run of the same pipeline).
+    /// Override the preset's token budget: a reduced run of the same pipeline, whose bundle is
+    /// `<bundle name>-reduced` and whose card stays in the work directory.
     pub tokens: Option<usize>,
     /// Where the bundle goes [default: models/bundles/<preset's bundle name>].
     pub out: Option<PathBuf>,
-    /// Work directory [default: target/distill/<preset>].
+    /// Work directory [default: target/distill/<preset>, or <preset>-reduced].
     pub work: Option<PathBuf>,
     /// Model card directory [default: models/<preset>]; `None` with `no_card` skips it.
     pub card: Option<PathBuf>,
@@ -214,14 +215,22 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
         .distill
         .clone()
         .with_context(|| format!("preset {} has no [distill] table", preset.name))?;
+    // A reduced budget (`--tokens`) is kept apart from the preset's own checkpoint, bundle and
+    // card.
+    let reduced = opts.tokens.is_some_and(|t| t != config.tokens);
     if let Some(t) = opts.tokens {
         config.tokens = t;
     }
+    let work_name = if reduced {
+        format!("{}-reduced", preset.name)
+    } else {
+        preset.name.clone()
+    };
     let root = crate::workspace_root();
     let work = opts
         .work
         .clone()
-        .unwrap_or_else(|| root.join("target/distill").join(&preset.name));
+        .unwrap_or_else(|| root.join("target/distill").join(&work_name));
     std::fs::create_dir_all(&work)?;
     let teacher_path = crate::fetch::teacher()?;
     let g = Gguf::open(&teacher_path)?;
@@ -299,10 +308,15 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
     drop(resumed);
 
     // 3. Export the healed student.
+    let name = if reduced {
+        format!("{}-reduced", preset.bundle_name())
+    } else {
+        preset.bundle_name()
+    };
     let bundle = opts
         .out
         .clone()
-        .unwrap_or_else(|| crate::export::default_out_dir(&root, &preset.bundle_name()));
+        .unwrap_or_else(|| crate::export::default_out_dir(&root, &name));
     let healed = student.to_weights()?;
     drop(student);
     drop(teacher);
@@ -310,7 +324,7 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
         &ExportOptions {
             teacher: teacher_path.clone(),
             out_dir: bundle.clone(),
-            name: preset.bundle_name(),
+            name,
             quant: QuantOptions::new(preset.format()?),
             blocks: None,
         },
@@ -321,10 +335,11 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
     let card = if opts.no_card {
         None
     } else {
-        let dir = opts
-            .card
-            .clone()
-            .unwrap_or_else(|| root.join("models").join(&preset.name));
+        let dir = match &opts.card {
+            Some(d) => d.clone(),
+            None if reduced => work.join("card"),
+            None => root.join("models").join(&preset.name),
+        };
         card::write(&card::Inputs {
             preset,
             config: &config,
