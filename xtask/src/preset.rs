@@ -108,4 +108,28 @@ mod tests {
         let e = Preset::load("nope").unwrap_err().to_string();
         assert!(e.contains("no preset `nope`"), "{e}");
     }
+
+    #[test]
+    fn every_preset_file_is_valid_and_the_distilled_ones_are_smaller() {
+        let dir = crate::workspace_root().join("models/presets");
+        let mut distilled = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let p = Preset::load(&name).unwrap();
+            assert_eq!(p.name, name, "{}: name must match the file", path.display());
+            assert!(p.format().is_ok());
+            if let Some(d) = &p.distill {
+                // SmolLM2-135M has 30 blocks.
+                d.check(30).unwrap();
+                assert!(d.keep_blocks < 30);
+                assert_eq!(p.bundle_name(), format!("smollm2-135m-{name}-int8"));
+                distilled.push(name);
+            }
+        }
+        distilled.sort();
+        assert_eq!(distilled, ["balanced", "tiny"]);
+        let e = Preset::load("nope").unwrap_err().to_string();
+        assert!(e.contains("no preset `nope`"), "{e}");
+    }
 }

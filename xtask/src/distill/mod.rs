@@ -121,7 +121,8 @@ impl DistillConfig {
         }
     }
 
-    fn check(&self, teacher_blocks: usize) -> Result<()> {
+    /// Refuses settings that cannot train: too many blocks, empty batches, bad rates.
+    pub fn check(&self, teacher_blocks: usize) -> Result<()> {
         ensure!(
             (1..=teacher_blocks).contains(&self.keep_blocks),
             "keep_blocks must be between 1 and the teacher's {teacher_blocks} blocks, got {}",
