@@ -67,10 +67,19 @@ impl Preset {
             if quill::bundle::Bundle::open(&dir).is_ok() {
                 return Ok(dir);
             }
-            let d = crate::distill::distill(self, &crate::distill::DistillOptions::default())?;
-            return d
-                .map(|d| d.bundle)
-                .context("distillation interrupted; run it again to resume");
+            #[cfg(feature = "distill")]
+            {
+                let d = crate::distill::distill(self, &crate::distill::DistillOptions::default())?;
+                return d
+                    .map(|d| d.bundle)
+                    .context("distillation interrupted; run it again to resume");
+            }
+            #[cfg(not(feature = "distill"))]
+            anyhow::bail!(
+                "preset {} is a distilled student and this xtask was built without the \
+                 `distill` feature",
+                self.name
+            );
         }
         let mut quant = QuantOptions::new(format);
         let name = self.bundle_name();
