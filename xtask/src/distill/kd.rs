@@ -156,17 +156,15 @@ mod tests {
         let (temp, alpha) = (2.0, 0.3);
         let sv = Var::from_tensor(&Tensor::from_vec(s, (n, v), &dev).unwrap()).unwrap();
         let tt = Tensor::from_vec(t, (n, v), &dev).unwrap();
+        let grad_of = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+            let g = g.get(sv.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        };
 
         let fused = kd_loss(sv.as_tensor(), &tt, &targets, temp, alpha).unwrap();
         let f: Vec<f32> = fused.to_vec1().unwrap();
         let gf = fused.get(0).unwrap().backward().unwrap();
-        let gf: Vec<f32> = gf
-            .get(sv.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let gf = grad_of(&gf);
 
         let log_ps =
             candle_nn::ops::log_softmax(&(sv.as_tensor() / temp).unwrap(), D::Minus1).unwrap();
@@ -182,13 +180,7 @@ mod tests {
         let total =
             ((&kl * (alpha * temp * temp)).unwrap() + (&ce * (1.0 - alpha)).unwrap()).unwrap();
         let gc = total.backward().unwrap();
-        let gc: Vec<f32> = gc
-            .get(sv.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let gc = grad_of(&gc);
 
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 + 1e-4 * b.abs();
         assert!(close(f[0], total.to_scalar::<f32>().unwrap()), "{f:?}");

@@ -101,16 +101,10 @@ pub fn learning_rate(c: &DistillConfig, step: usize, total: usize) -> f64 {
     c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
 }
 
-/// A deterministic permutation of `n` items (SplitMix64-driven Fisher–Yates).
+/// A deterministic permutation of `n` items: Fisher–Yates driven by quill's sampling generator.
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = quill::sampler::Rng::new(seed);
+    let mut next = || rng.next_u64();
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (next() % (i as u64 + 1)) as usize;
