@@ -92,6 +92,8 @@ fuzz_target!(|data: &[u8]| {
         // A process-wide allocator setting: leave it alone under the fuzzer.
         return_memory: false,
         context: Some(8),
+        cache_dir: None,
+        kv_f16: false,
     };
     match Model::load(&f.dir, &opts) {
         Ok(model) => {

@@ -17,6 +17,9 @@
 //!   once per step (the block stays in L1 across the group). For query row `i` of head `h`:
 //!   `s_j = scale · q·K[j] (+ mask_j)`, `p = softmax(s)` over the visible positions (causal:
 //!   `j ≤ past + i`), `o = Σ_j p_j V[j]`. Scores live in a scratch buffer kept in the state.
+//! - Threads: a step's (kv head, query row) pairs are split in contiguous runs over quill's
+//!   kernel threads ([`crate::pool`]), each with its own scratch ([`Work`]); each pair is
+//!   computed exactly as on one thread, so the output does not depend on the thread count.
 //! - Kernels: the dot products in `std::arch` (AVX2 + FMA on x86-64, chosen at run time; NEON
 //!   on aarch64), four vector accumulators and one horizontal sum; the softmax's `exp` is a
 //!   polynomial within 2 ulp of `f32::exp` that vectorizes; the weighted sum of values keeps a
@@ -30,6 +33,8 @@
 //!
 //! The ONNX file is untouched; the rewrite is applied to tract's optimized model in memory.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
@@ -49,6 +54,24 @@ pub struct KvAttention {
     scale_bits: Option<u32>,
     /// Positions to reserve room for when a sequence starts.
     capacity: usize,
+    /// Store the cache as f16 (half the memory and the bytes read per step).
+    half: bool,
+    /// quill's kernel threads: the (kv head, query row) pairs of a step are split over them.
+    pool: Threads,
+}
+
+/// The op's handle on quill's kernel threads; not part of the op's identity (hash, equality).
+#[derive(Clone, Debug, Default)]
+pub struct Threads(pub Option<std::sync::Arc<crate::pool::Pool>>);
+
+impl PartialEq for Threads {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Threads {}
+impl std::hash::Hash for Threads {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl KvAttention {
@@ -65,10 +88,11 @@ impl Op for KvAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "causal={} scale={:?} capacity={}",
+            "causal={} scale={:?} capacity={} cache={}",
             self.causal,
             self.scale_bits.map(f32::from_bits),
-            self.capacity
+            self.capacity,
+            if self.half { "f16" } else { "f32" }
         )])
     }
 
@@ -81,13 +105,11 @@ impl EvalOp for KvAttention {
     fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
         Ok(Some(Box::new(KvAttentionState {
             op: self.clone(),
-            k: Vec::new(),
-            v: Vec::new(),
+            k: Blocks::new(self.half),
+            v: Blocks::new(self.half),
             len: 0,
             row: 0,
-            scores: Vec::new(),
-            qs: Vec::new(),
-            os: Vec::new(),
+            work: Vec::new(),
         })))
     }
 }
@@ -108,18 +130,129 @@ impl TypedOp for KvAttention {
 #[derive(Clone, Debug)]
 pub struct KvAttentionState {
     op: KvAttention,
-    /// Blocks of [`KV_BLOCK`] positions, each `(kv_heads, KV_BLOCK, head_dim)` f32.
+    /// Blocks of [`KV_BLOCK`] positions, each `(kv_heads, KV_BLOCK, head_dim)` f32 or f16.
     k: Blocks,
     v: Blocks,
     /// Cached positions.
     len: usize,
     /// `kv_heads · head_dim`, fixed by the first step (0 before it).
     row: usize,
+    /// Scratch of each thread a step is split over (one without quill's kernel threads),
+    /// sized by the first step and reused.
+    work: Vec<WorkSlot>,
+}
+
+/// A [`Work`] one thread at a time (the parts of a step each lock their own: never contended).
+#[derive(Debug, Default)]
+struct WorkSlot(std::sync::Mutex<Work>);
+
+impl WorkSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Work> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Clone for WorkSlot {
+    fn clone(&self) -> WorkSlot {
+        WorkSlot(std::sync::Mutex::new(self.lock().clone()))
+    }
+}
+
+/// One thread's scratch for [`Step::rows`].
+#[derive(Clone, Debug, Default)]
+struct Work {
     /// Softmax scratch, one score per visible position and query head of a group.
     scores: Vec<f32>,
     /// One group's query rows and outputs, `(heads / kv_heads, head_dim)`.
     qs: Vec<f32>,
     os: Vec<f32>,
+    /// One head's block of an f16 cache, converted: `(KV_BLOCK, head_dim)` f32.
+    scratch: Vec<f32>,
+}
+
+/// One step's attention: what [`Step::rows`] needs to compute any (kv head, query row) pair.
+struct Step<'a> {
+    /// Q `(heads, s, d)`.
+    q: &'a [f32],
+    k: &'a Blocks,
+    v: &'a Blocks,
+    /// The mask `(heads | 1, s, total)` and its head count, if any.
+    mask: Option<(&'a [f32], usize)>,
+    group: usize,
+    s: usize,
+    d: usize,
+    past: usize,
+    total: usize,
+    causal: bool,
+    scale: f32,
+}
+
+/// The output `(heads, s, d)` shared by the threads of a step, each writing its own rows.
+struct OutPtr(*mut f32);
+// SAFETY: only used to hand disjoint rows of one buffer to the parts of one `Pool::run`.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+impl Step<'_> {
+    /// Pairs `items` (item = kv head · s + query row) into `out`.
+    ///
+    /// # Safety
+    /// `out` points to `heads · s · d` writable f32 of which no one else writes these pairs'
+    /// rows.
+    unsafe fn rows(&self, items: std::ops::Range<usize>, w: &mut Work, out: &OutPtr) {
+        let (s, d, group) = (self.s, self.d, self.group);
+        w.qs.resize(group * d, 0.0);
+        w.os.resize(group * d, 0.0);
+        w.scratch.resize(KV_BLOCK * d, 0.0);
+        for item in items {
+            let (g, i) = (item / s, item % s);
+            // Causal: query i (absolute position past + i) sees positions 0..=past + i.
+            let visible = if self.causal {
+                self.past + i + 1
+            } else {
+                self.total
+            };
+            for t in 0..group {
+                let h = g * group + t;
+                w.qs[t * d..][..d].copy_from_slice(&self.q[(h * s + i) * d..][..d]);
+            }
+            // Mask rows of this query row: (heads | 1, s, total) → the group's first row and
+            // the distance between heads' rows (0 when all heads share one).
+            let total = self.total;
+            let mask = match self.mask {
+                Some((md, 1)) => Some((&md[i * total..], 0)),
+                Some((md, _)) => Some((&md[(g * group * s + i) * total..], s * total)),
+                None => None,
+            };
+            let at = Cache {
+                head: g,
+                visible,
+                head_dim: d,
+                scale: self.scale,
+                mask,
+            };
+            attend(
+                &w.qs,
+                self.k,
+                self.v,
+                at,
+                &mut w.scores,
+                &mut w.scratch,
+                &mut w.os,
+            );
+            for t in 0..group {
+                let h = g * group + t;
+                // SAFETY: row (h, i) is within `out` and belongs to this pair only.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        w.os[t * d..].as_ptr(),
+                        out.0.add((h * s + i) * d),
+                        d,
+                    )
+                };
+            }
+        }
+    }
 }
 
 impl KvAttentionState {
@@ -134,12 +267,15 @@ impl KvAttentionState {
         for t in 0..s {
             let pos = len + t;
             if pos.is_multiple_of(KV_BLOCK) {
-                cache.push(vec![0.0; KV_BLOCK * heads * d].into_boxed_slice());
+                cache.open(KV_BLOCK * heads * d);
             }
             for h in 0..heads {
                 let from = (h * s + t) * d;
-                cache[pos / KV_BLOCK][(h * KV_BLOCK + pos % KV_BLOCK) * d..][..d]
-                    .copy_from_slice(&new[from..from + d]);
+                cache.write(
+                    pos / KV_BLOCK,
+                    (h * KV_BLOCK + pos % KV_BLOCK) * d,
+                    &new[from..from + d],
+                );
             }
         }
     }
@@ -204,8 +340,17 @@ impl OpState for KvAttentionState {
             let blocks = self.op.capacity.max(s).div_ceil(KV_BLOCK);
             self.k.reserve_exact(blocks);
             self.v.reserve_exact(blocks);
-            self.scores
-                .reserve_exact(self.op.capacity.max(s) * (heads / kv_heads));
+        }
+        if self.work.is_empty() {
+            let threads = self.op.pool.0.as_ref().map_or(1, |p| p.threads());
+            self.work = (0..threads)
+                .map(|_| {
+                    let mut w = Work::default();
+                    w.scores
+                        .reserve_exact(self.op.capacity.max(s) * (heads / kv_heads));
+                    WorkSlot(std::sync::Mutex::new(w))
+                })
+                .collect();
         }
         ensure!(
             self.row == row,
@@ -256,41 +401,46 @@ impl OpState for KvAttentionState {
             None => None,
         };
 
-        let scale = self.op.scale(d);
-        let group = heads / kv_heads;
-        let q = q.try_as_plain_ram()?.as_slice::<f32>()?;
+        let step = Step {
+            q: q.try_as_plain_ram()?.as_slice::<f32>()?,
+            k: &self.k,
+            v: &self.v,
+            mask: match (&mask, mask_data) {
+                (Some((_, mh)), Some(md)) => Some((md, *mh)),
+                _ => None,
+            },
+            group: heads / kv_heads,
+            s,
+            d,
+            past,
+            total,
+            causal: self.op.causal,
+            scale: self.op.scale(d),
+        };
         let mut out = vec![0f32; heads * s * d];
-        // The query heads of one kv head, for one query row: (group, d) in, (group, d) out.
-        let (qs, os) = (&mut self.qs, &mut self.os);
-        qs.resize(group * d, 0.0);
-        os.resize(group * d, 0.0);
-        for g in 0..kv_heads {
-            for i in 0..s {
-                // Causal: query i (absolute position past + i) sees positions 0..=past + i.
-                let visible = if self.op.causal { past + i + 1 } else { total };
-                for t in 0..group {
-                    let h = g * group + t;
-                    qs[t * d..][..d].copy_from_slice(&q[(h * s + i) * d..][..d]);
-                }
-                // Mask rows of this query row: (heads | 1, s, total) → the group's first row
-                // and the distance between heads' rows (0 when all heads share one).
-                let mask = match (&mask, mask_data) {
-                    (Some((_, mh)), Some(md)) if *mh == 1 => Some((&md[i * total..], 0)),
-                    (Some(_), Some(md)) => Some((&md[(g * group * s + i) * total..], s * total)),
-                    _ => None,
-                };
-                let at = Cache {
-                    head: g,
-                    visible,
-                    head_dim: d,
-                    scale,
-                    mask,
-                };
-                attend(qs, &self.k, &self.v, at, &mut self.scores, os);
-                for t in 0..group {
-                    let h = g * group + t;
-                    out[(h * s + i) * d..][..d].copy_from_slice(&os[t * d..][..d]);
-                }
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let items = kv_heads * s;
+        let work = &self.work;
+        match &self.op.pool.0 {
+            // Each thread takes a contiguous run of (kv head, query row) pairs.
+            Some(pool) if pool.threads() > 1 && items >= 2 && work.len() == pool.threads() => {
+                let parts = pool.threads();
+                pool.run(&|part| {
+                    let mut w = work[part].lock();
+                    // SAFETY: the parts' ranges are disjoint, so are the rows they write.
+                    unsafe {
+                        step.rows(
+                            items * part / parts..items * (part + 1) / parts,
+                            &mut w,
+                            &out_ptr,
+                        )
+                    }
+                });
+            }
+            _ => {
+                let mut w = work[0].lock();
+                // SAFETY: one part writing every row.
+                unsafe { step.rows(0..items, &mut w, &out_ptr) }
             }
         }
         let out = Tensor::from_shape(&[1, heads, s, d], &out)?;
@@ -308,7 +458,7 @@ impl OpState for KvAttentionState {
             let mut t = vec![0f32; self.len * self.row];
             for p in 0..self.len {
                 for h in 0..kv_heads {
-                    t[(h * self.len + p) * d..][..d].copy_from_slice(vector(cache, p, h, d));
+                    vector(cache, p, h, &mut t[(h * self.len + p) * d..][..d]);
                 }
             }
             states.push(Tensor::from_shape(&[1, kv_heads, self.len, d], &t)?.into_tvalue());
@@ -364,14 +514,113 @@ impl OpState for KvAttentionState {
 /// of every position's row; appending opens one block every 64 tokens.
 pub const KV_BLOCK: usize = 64;
 
-/// A layer's K or V cache: blocks of `(kv_heads, KV_BLOCK, head_dim)` f32. The cache grows one
-/// block (48 kB for SmolLM2's 3 × 64) at a time and never moves what it holds; a finished
-/// sequence's blocks are freed to the allocator, which hands the same sizes to the next.
-type Blocks = Vec<Box<[f32]>>;
+/// A layer's K or V cache: blocks of `(kv_heads, KV_BLOCK, head_dim)`, f32 or f16. The cache
+/// grows one block (48 kB in f32 for SmolLM2's 3 × 64) at a time and never moves what it holds;
+/// a finished sequence's blocks are freed to the allocator, which hands the same sizes to the
+/// next. An f16 cache halves the bytes a step reads (`--kv-cache f16`): attention converts one
+/// head's block at a time into a 16 kB f32 scratch that stays in L1 (F16C on x86-64, FP16 on
+/// aarch64, through `half`, chosen at run time).
+#[derive(Clone, Debug)]
+pub enum Blocks {
+    F32(Vec<Box<[f32]>>),
+    F16(Vec<Box<[f16]>>),
+}
 
-/// The vector of position `pos`, kv head `head`.
-fn vector(cache: &[Box<[f32]>], pos: usize, head: usize, d: usize) -> &[f32] {
-    &cache[pos / KV_BLOCK][(head * KV_BLOCK + pos % KV_BLOCK) * d..][..d]
+impl Blocks {
+    fn new(half: bool) -> Blocks {
+        if half {
+            Blocks::F16(Vec::new())
+        } else {
+            Blocks::F32(Vec::new())
+        }
+    }
+
+    fn reserve_exact(&mut self, blocks: usize) {
+        match self {
+            Blocks::F32(b) => b.reserve_exact(blocks),
+            Blocks::F16(b) => b.reserve_exact(blocks),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Blocks::F32(b) => b.clear(),
+            Blocks::F16(b) => b.clear(),
+        }
+    }
+
+    /// Opens a zeroed block of `size` values.
+    fn open(&mut self, size: usize) {
+        match self {
+            Blocks::F32(b) => b.push(vec![0.0; size].into_boxed_slice()),
+            Blocks::F16(b) => b.push(vec![f16::ZERO; size].into_boxed_slice()),
+        }
+    }
+
+    /// Stores `src` at offset `at` of block `block` (rounded to nearest when f16).
+    fn write(&mut self, block: usize, at: usize, src: &[f32]) {
+        match self {
+            Blocks::F32(b) => b[block][at..][..src.len()].copy_from_slice(src),
+            Blocks::F16(b) => b[block][at..][..src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// `len` values of block `block` from offset `at`, as f32: the block itself, or (f16) its
+    /// values converted into `scratch`.
+    fn read<'a>(
+        &'a self,
+        block: usize,
+        at: usize,
+        len: usize,
+        scratch: &'a mut [f32],
+    ) -> &'a [f32] {
+        match self {
+            Blocks::F32(b) => &b[block][at..][..len],
+            Blocks::F16(b) => {
+                f16_to_f32(&b[block][at..][..len], &mut scratch[..len]);
+                &scratch[..len]
+            }
+        }
+    }
+}
+
+/// `dst = src` as f32: eight at a time with F16C where the CPU has it (`half`'s slice
+/// conversion calls a function per eight values, which made an f16 cache slower than f32),
+/// else through `half` (FP16 on aarch64 when present, else portable code).
+fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has F16C and AVX.
+        return unsafe { f16_to_f32_f16c(src, dst) };
+    }
+    src.convert_to_f32_slice(dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx")]
+fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    assert_eq!(src.len(), dst.len());
+    let (s8, s_rest) = src.as_chunks::<8>();
+    let (d8, d_rest) = dst.as_chunks_mut::<8>();
+    for (s, d) in s8.iter().zip(d8) {
+        // SAFETY: `s` is 8 f16 (16 bytes) and `d` 8 f32 (32 bytes); unaligned loads/stores.
+        unsafe {
+            let v = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(v));
+        }
+    }
+    s_rest.convert_to_f32_slice(d_rest);
+}
+
+/// The vector of position `pos`, kv head `head`, into `out` (head_dim values).
+fn vector(cache: &Blocks, pos: usize, head: usize, out: &mut [f32]) {
+    let d = out.len();
+    let at = (head * KV_BLOCK + pos % KV_BLOCK) * d;
+    match cache {
+        Blocks::F32(b) => out.copy_from_slice(&b[pos / KV_BLOCK][at..][..d]),
+        Blocks::F16(b) => f16_to_f32(&b[pos / KV_BLOCK][at..][..d], out),
+    }
 }
 
 /// One kv head's view of a layer's cache.
@@ -393,31 +642,35 @@ struct Cache<'m> {
 /// The AVX2 + FMA copy where the CPU has it.
 fn attend(
     qs: &[f32],
-    k: &[Box<[f32]>],
-    v: &[Box<[f32]>],
+    k: &Blocks,
+    v: &Blocks,
     at: Cache<'_>,
     scores: &mut Vec<f32>,
+    scratch: &mut [f32],
     os: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { attend_avx2(qs, k, v, at, scores, os) };
+        return unsafe { attend_avx2(qs, k, v, at, scores, scratch, os) };
     }
-    attend_impl::<FUSED_BASELINE, { cfg!(target_arch = "aarch64") }>(qs, k, v, at, scores, os)
+    attend_impl::<FUSED_BASELINE, { cfg!(target_arch = "aarch64") }>(
+        qs, k, v, at, scores, scratch, os,
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2(
     qs: &[f32],
-    k: &[Box<[f32]>],
-    v: &[Box<[f32]>],
+    k: &Blocks,
+    v: &Blocks,
     at: Cache<'_>,
     scores: &mut Vec<f32>,
+    scratch: &mut [f32],
     os: &mut [f32],
 ) {
-    attend_impl::<true, true>(qs, k, v, at, scores, os)
+    attend_impl::<true, true>(qs, k, v, at, scores, scratch, os)
 }
 
 /// Whether `mul_add` is one instruction on the baseline target (aarch64); elsewhere the
@@ -427,10 +680,11 @@ const FUSED_BASELINE: bool = cfg!(target_arch = "aarch64");
 #[inline(always)]
 fn attend_impl<const FUSED: bool, const SIMD: bool>(
     qs: &[f32],
-    k: &[Box<[f32]>],
-    v: &[Box<[f32]>],
+    k: &Blocks,
+    v: &Blocks,
     at: Cache<'_>,
     scores: &mut Vec<f32>,
+    scratch: &mut [f32],
     os: &mut [f32],
 ) {
     let d = at.head_dim;
@@ -443,7 +697,7 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
     // once for the whole group.
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let keys = &k[start / KV_BLOCK][at.head * KV_BLOCK * d..][..rows * d];
+        let keys = k.read(start / KV_BLOCK, at.head * KV_BLOCK * d, rows * d, scratch);
         for (t, q) in qs.chunks_exact(d).enumerate() {
             let st = &mut scores[t * n + start..][..rows];
             for (s, kj) in st.iter_mut().zip(keys.chunks_exact(d)) {
@@ -481,7 +735,7 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
     }
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let values = &v[start / KV_BLOCK][at.head * KV_BLOCK * d..][..rows * d];
+        let values = v.read(start / KV_BLOCK, at.head * KV_BLOCK * d, rows * d, scratch);
         // The block's values (16 kB at head_dim 64) stay in L1 across the group's heads.
         for (t, o) in os.chunks_exact_mut(d).enumerate() {
             let ps = &scores[t * n + start..][..rows];
@@ -671,7 +925,12 @@ fn axpy<const FUSED: bool>(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Replaces every `InPlaceKvSdpa` of an optimized model by a [`KvAttention`] reserving
 /// `capacity` positions; returns how many.
-pub fn use_kv_attention(model: &mut TypedModel, capacity: usize) -> TractResult<usize> {
+pub fn use_kv_attention(
+    model: &mut TypedModel,
+    capacity: usize,
+    half: bool,
+    pool: Option<std::sync::Arc<crate::pool::Pool>>,
+) -> TractResult<usize> {
     let ids: Vec<usize> = model
         .nodes()
         .iter()
@@ -694,6 +953,8 @@ pub fn use_kv_attention(model: &mut TypedModel, capacity: usize) -> TractResult<
             causal: sdpa.causal,
             scale_bits: sdpa.scale.map(f32::to_bits),
             capacity,
+            half,
+            pool: Threads(pool.clone()),
         };
         let mut patch = TypedModelPatch::default();
         let taps = patch.taps(model, &node.inputs)?;
@@ -710,12 +971,17 @@ mod tests {
 
     /// Plain softmax attention of `q` over positions `0..n` of kv head `g`, in f64, reading
     /// the cache through [`kv_index`].
-    fn naive(q: &[f32], k: &[Box<[f32]>], v: &[Box<[f32]>], g: usize, n: usize) -> Vec<f32> {
+    fn naive(q: &[f32], k: &Blocks, v: &Blocks, g: usize, n: usize) -> Vec<f32> {
         let d = q.len();
         let scale = 1.0 / (d as f64).sqrt();
+        let get = |c: &Blocks, j: usize| {
+            let mut out = vec![0f32; d];
+            vector(c, j, g, &mut out);
+            out
+        };
         let s: Vec<f64> = (0..n)
             .map(|j| {
-                let kj = vector(k, j, g, d);
+                let kj = get(k, j);
                 (0..d).map(|i| q[i] as f64 * kj[i] as f64).sum::<f64>() * scale
             })
             .collect();
@@ -723,12 +989,7 @@ mod tests {
         let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = p.iter().sum();
         (0..d)
-            .map(|i| {
-                ((0..n)
-                    .map(|j| p[j] * vector(v, j, g, d)[i] as f64)
-                    .sum::<f64>()
-                    / z) as f32
-            })
+            .map(|i| ((0..n).map(|j| p[j] * get(v, j)[i] as f64).sum::<f64>() / z) as f32)
             .collect()
     }
 
@@ -738,9 +999,10 @@ mod tests {
         len: usize,
         kv_heads: usize,
         d: usize,
+        half: bool,
         rnd: &mut impl FnMut() -> f32,
     ) -> Blocks {
-        let mut c = Vec::new();
+        let mut c = Blocks::new(half);
         let mut pos = 0;
         let mut chunk = 1;
         while pos < len {
@@ -762,19 +1024,23 @@ mod tests {
             seed ^= seed << 5;
             (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
         };
-        for (d, kv_heads, group, len) in [
-            (64, 3, 3, 1),
-            (64, 3, 3, 37),
-            (64, 3, 3, 200),
-            (60, 2, 1, 300),
-            (13, 1, 4, 5),
+        // The f16 cache against the same softmax over its (rounded) contents.
+        for (d, kv_heads, group, len, half) in [
+            (64, 3, 3, 1, false),
+            (64, 3, 3, 37, false),
+            (64, 3, 3, 200, false),
+            (60, 2, 1, 300, false),
+            (13, 1, 4, 5, false),
+            (64, 3, 3, 200, true),
+            (13, 1, 4, 70, true),
         ] {
-            let k = cache(len, kv_heads, d, &mut rnd);
-            let v = cache(len, kv_heads, d, &mut rnd);
+            let k = cache(len, kv_heads, d, half, &mut rnd);
+            let v = cache(len, kv_heads, d, half, &mut rnd);
             for g in 0..kv_heads {
                 let qs: Vec<f32> = (0..group * d).map(|_| rnd()).collect();
                 for n in [1, len / 2 + 1, len] {
                     let mut scores = Vec::new();
+                    let mut scratch = vec![f32::NAN; KV_BLOCK * d];
                     let mut os = vec![f32::NAN; group * d];
                     let at = Cache {
                         head: g,
@@ -783,7 +1049,7 @@ mod tests {
                         scale: (d as f32).sqrt().recip(),
                         mask: None,
                     };
-                    attend(&qs, &k, &v, at, &mut scores, &mut os);
+                    attend(&qs, &k, &v, at, &mut scores, &mut scratch, &mut os);
                     for (q, o) in qs.chunks(d).zip(os.chunks(d)) {
                         let want = naive(q, &k, &v, g, n);
                         for (a, b) in o.iter().zip(&want) {
@@ -798,9 +1064,11 @@ mod tests {
     #[test]
     fn a_masked_position_is_not_attended() {
         let d = 8;
-        let k = vec![vec![1.0f32; KV_BLOCK * d].into_boxed_slice()];
+        let k = Blocks::F32(vec![vec![1.0f32; KV_BLOCK * d].into_boxed_slice()]);
         let mut v = vec![vec![0.0f32; KV_BLOCK * d].into_boxed_slice()];
         v[0][d..2 * d].fill(5.0); // position 1 is the only one with a non-zero value
+        let v = Blocks::F32(v);
+        let mut scratch = vec![0.0; KV_BLOCK * d];
         let qs = vec![0.5f32; 2 * d]; // two heads
         let mut os = vec![0.0; 2 * d];
         let mut scores = Vec::new();
@@ -813,7 +1081,7 @@ mod tests {
             scale: 1.0,
             mask: Some((&mask, 3)),
         };
-        attend(&qs, &k, &v, at, &mut scores, &mut os);
+        attend(&qs, &k, &v, at, &mut scores, &mut scratch, &mut os);
         assert!(os[..d].iter().all(|&x| x == 0.0), "{os:?}");
         assert!(
             os[d..].iter().all(|&x| (x - 5.0 / 3.0).abs() < 1e-6),
@@ -825,7 +1093,7 @@ mod tests {
             mask: Some((&all, 0)),
             ..at
         };
-        attend(&qs, &k, &v, at, &mut scores, &mut os);
+        attend(&qs, &k, &v, at, &mut scores, &mut scratch, &mut os);
         assert!(os.iter().all(|&x| x == 0.0), "{os:?}");
     }
 

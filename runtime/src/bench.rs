@@ -37,6 +37,10 @@ pub struct BenchOptions {
     pub quill_kernels: bool,
     /// Context lengths after which decoding is also timed ([`DECODE_AT_STEPS`] steps each).
     pub decode_at: Vec<usize>,
+    /// The load cache ([`LoadOptions::cache_dir`]); runs after the first find it warm.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// An f16 KV cache ([`LoadOptions::kv_f16`]).
+    pub kv_f16: bool,
 }
 
 /// Decode steps timed at each `decode_at` position.
@@ -78,6 +82,11 @@ pub struct BenchReport {
     pub load_s: Summary,
     /// Of the load, the integrity checks (sizes, CRC-32s, graph tensors).
     pub checks_ms: Summary,
+    /// The load phase by phase (ms), in order, over the runs that had the phase (a warm load
+    /// has no parse, a cold one no cache read): (phase, runs, time).
+    pub load_phases_ms: Vec<(String, usize, Summary)>,
+    /// Runs whose load started from the load cache; `None` without one.
+    pub cache_hits: Option<usize>,
     pub time_to_first_token_ms: Summary,
     pub prefill_tokens_per_s: Summary,
     pub decode_tokens_per_s: Summary,
@@ -246,94 +255,150 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(opts.runs >= 1, "--runs must be at least 1");
+    Ok(run_side_by_side(dir, std::slice::from_ref(opts))?.remove(0))
+}
+
+/// Several configurations (for instance 1 and 2 threads) measured side by side: run `r` of
+/// every configuration happens before run `r + 1` of any, so a slow spell of a shared machine
+/// falls on all of them alike. Peak RSS is the process's, over every configuration.
+pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<Vec<BenchReport>> {
+    anyhow::ensure!(!configs.is_empty(), "nothing to measure");
+    let runs = configs[0].runs;
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    let mut acc: Vec<Runs> = configs.iter().map(|_| Runs::default()).collect();
+    for run in 0..runs {
+        for (opts, acc) in configs.iter().zip(&mut acc) {
+            one_run(dir, opts, run + 1 == runs, acc)?;
+        }
+    }
+    // The peak RSS is the model's: read before the triad allocates its 192 MB.
+    let peak_rss_mb = peak_rss_mb();
+    let weight_bytes_per_token = weight_bytes_per_token(dir)?;
+    configs
+        .iter()
+        .zip(acc)
+        .map(|(opts, acc)| summarize(opts, acc, peak_rss_mb, weight_bytes_per_token))
+        .collect()
+}
+
+/// What the runs of one configuration measured.
+#[derive(Default)]
+struct Runs {
+    load: Vec<f64>,
+    ttft: Vec<f64>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    checks: Vec<f64>,
+    cache_hits: usize,
+    phases: Vec<(String, Vec<f64>)>,
+    at: Vec<Vec<f64>>,
+    header: Option<(String, String)>,
+    prof: Option<Profile>,
+}
+
+/// One run: load, prefill, decode, decode at each position; with `last`, the profile too.
+fn one_run(dir: &Path, opts: &BenchOptions, last: bool, acc: &mut Runs) -> anyhow::Result<()> {
     anyhow::ensure!(
         opts.prompt_tokens >= 1 && opts.gen_tokens >= 2,
         "need at least 1 prompt token and 2 generated tokens"
     );
-    let (mut load, mut ttft, mut prefill, mut decode) = (vec![], vec![], vec![], vec![]);
-    let mut checks = vec![];
-    let mut at: Vec<Vec<f64>> = vec![vec![]; opts.decode_at.len()];
-
-    let mut header = None;
-    let mut prof = None;
-    for run in 0..opts.runs {
-        let t0 = Instant::now();
-        let model = Model::load(
-            dir,
-            &LoadOptions {
-                threads: opts.threads,
-                verify: true,
-                quill_kernels: opts.quill_kernels,
-                quill_attention: opts.quill_kernels,
-                return_memory: true,
-                context: None,
-            },
-        )?;
-        load.push(t0.elapsed().as_secs_f64());
-        checks.push(model.check_time.as_secs_f64() * 1e3);
-        let m = model.manifest();
-        anyhow::ensure!(
-            opts.prompt_tokens + opts.gen_tokens <= m.context_length,
-            "{} prompt + {} generated tokens exceed the {}-token context",
-            opts.prompt_tokens,
-            opts.gen_tokens,
-            m.context_length
-        );
-        header.get_or_insert_with(|| (m.name.clone(), m.weights.clone()));
-        let base = model.tokenizer.encode(TEXT, false);
-        let prompt: Vec<u32> = base
-            .iter()
-            .copied()
-            .cycle()
-            .take(opts.prompt_tokens)
-            .collect();
-        let mut session = model.session()?;
-        let mut history = TokenBuf::new();
-        let gen_opts = GenerateOptions {
-            sampling: SamplingOptions::greedy(),
-            max_tokens: opts.gen_tokens,
-            stop: vec![],
-        };
-        let mut g = Generator::new(
-            &mut session,
-            &model.tokenizer,
-            &[],
-            &mut history,
-            &prompt,
-            &gen_opts,
-        )?;
-        while let Step::Text(_) = g.step()? {}
-        let s = g.stats();
-        ttft.push(s.time_to_first_token.as_secs_f64() * 1e3);
-        prefill.push(s.prefill_tokens_per_s());
-        decode.push(s.decode_tokens_per_s());
-        for (i, &position) in opts.decode_at.iter().enumerate() {
-            if position + DECODE_AT_STEPS <= model.context {
-                at[i].push(decode_after(&model, &base, position)?);
+    acc.at.resize(opts.decode_at.len(), vec![]);
+    let t0 = Instant::now();
+    let model = Model::load(
+        dir,
+        &LoadOptions {
+            threads: opts.threads,
+            verify: true,
+            quill_kernels: opts.quill_kernels,
+            quill_attention: opts.quill_kernels,
+            return_memory: true,
+            context: None,
+            cache_dir: opts.cache_dir.clone(),
+            kv_f16: opts.kv_f16,
+        },
+    )?;
+    acc.cache_hits += usize::from(model.cache == crate::cache::CacheUse::Hit);
+    acc.load.push(t0.elapsed().as_secs_f64());
+    acc.checks.push(model.check_time.as_secs_f64() * 1e3);
+    for (name, d) in &model.load_phases {
+        let i = match acc.phases.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                acc.phases.push((name.to_string(), vec![]));
+                acc.phases.len() - 1
             }
-        }
-        if opts.profile && run + 1 == opts.runs {
-            prof = Some(profile(&model, &prompt, opts.gen_tokens)?);
+        };
+        acc.phases[i].1.push(d.as_secs_f64() * 1e3);
+    }
+    let m = model.manifest();
+    anyhow::ensure!(
+        opts.prompt_tokens + opts.gen_tokens <= m.context_length,
+        "{} prompt + {} generated tokens exceed the {}-token context",
+        opts.prompt_tokens,
+        opts.gen_tokens,
+        m.context_length
+    );
+    acc.header
+        .get_or_insert_with(|| (m.name.clone(), m.weights.clone()));
+    let base = model.tokenizer.encode(TEXT, false);
+    let prompt: Vec<u32> = base
+        .iter()
+        .copied()
+        .cycle()
+        .take(opts.prompt_tokens)
+        .collect();
+    let mut session = model.session()?;
+    let mut history = TokenBuf::new();
+    let gen_opts = GenerateOptions {
+        sampling: SamplingOptions::greedy(),
+        max_tokens: opts.gen_tokens,
+        stop: vec![],
+    };
+    let mut g = Generator::new(
+        &mut session,
+        &model.tokenizer,
+        &[],
+        &mut history,
+        &prompt,
+        &gen_opts,
+    )?;
+    while let Step::Text(_) = g.step()? {}
+    let s = g.stats();
+    acc.ttft.push(s.time_to_first_token.as_secs_f64() * 1e3);
+    acc.prefill.push(s.prefill_tokens_per_s());
+    acc.decode.push(s.decode_tokens_per_s());
+    for (i, &position) in opts.decode_at.iter().enumerate() {
+        if position + DECODE_AT_STEPS <= model.context {
+            acc.at[i].push(decode_after(&model, &base, position)?);
         }
     }
-    let (model, weights) = header.expect("at least one run");
+    if opts.profile && last {
+        acc.prof = Some(profile(&model, &prompt, opts.gen_tokens)?);
+    }
+    Ok(())
+}
+
+/// Medians and the bandwidth limit of one configuration's runs.
+fn summarize(
+    opts: &BenchOptions,
+    acc: Runs,
+    peak_rss_mb: Option<f64>,
+    weight_bytes_per_token: u64,
+) -> anyhow::Result<BenchReport> {
+    let (model, weights) = acc.header.expect("at least one run");
     let decode_at = opts
         .decode_at
         .iter()
-        .zip(at)
+        .zip(acc.at)
         .filter(|(_, xs)| !xs.is_empty())
         .map(|(&position, xs)| DecodeAt {
             position,
             tokens_per_s: Summary::of(xs),
         })
         .collect();
-    // The peak RSS is the model's: read before the triad allocates its 192 MB.
-    let peak_rss_mb = peak_rss_mb();
     let bandwidth = Summary::of((0..opts.runs).map(|_| triad_gb_s(opts.threads)).collect());
-    let weight_bytes_per_token = weight_bytes_per_token(dir)?;
     let limit = bandwidth.median * 1e9 / weight_bytes_per_token as f64;
-    let decode = Summary::of(decode);
+    let decode = Summary::of(acc.decode);
     Ok(BenchReport {
         decode_at,
         decode_fraction_of_limit: decode.median / limit,
@@ -346,13 +411,19 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         runs: opts.runs,
-        load_s: Summary::of(load),
-        checks_ms: Summary::of(checks),
-        time_to_first_token_ms: Summary::of(ttft),
-        prefill_tokens_per_s: Summary::of(prefill),
+        load_s: Summary::of(acc.load),
+        checks_ms: Summary::of(acc.checks),
+        cache_hits: opts.cache_dir.is_some().then_some(acc.cache_hits),
+        load_phases_ms: acc
+            .phases
+            .into_iter()
+            .map(|(n, xs)| (n, xs.len(), Summary::of(xs)))
+            .collect(),
+        time_to_first_token_ms: Summary::of(acc.ttft),
+        prefill_tokens_per_s: Summary::of(acc.prefill),
         decode_tokens_per_s: decode,
         peak_rss_mb,
-        profile: prof,
+        profile: acc.prof,
     })
 }
 
@@ -371,7 +442,20 @@ impl std::fmt::Display for BenchReport {
             )
         };
         row(f, "load + optimize", &self.load_s, "s")?;
-        row(f, "  of which checks", &self.checks_ms, "ms")?;
+        if let Some(h) = self.cache_hits {
+            writeln!(
+                f,
+                "    load cache: {h} of {} runs started from it",
+                self.runs
+            )?;
+        }
+        for (name, runs, s) in &self.load_phases_ms {
+            if *runs == self.runs {
+                row(f, &format!("  {name}"), s, "ms")?;
+            } else {
+                row(f, &format!("  {name} ({runs} runs)"), s, "ms")?;
+            }
+        }
         row(f, "time to first token", &self.time_to_first_token_ms, "ms")?;
         row(f, "prefill", &self.prefill_tokens_per_s, "tokens/s")?;
         row(f, "decode", &self.decode_tokens_per_s, "tokens/s")?;
@@ -413,6 +497,33 @@ impl std::fmt::Display for BenchReport {
                     )?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// The second report's medians against the first's (`quill bench --compare-threads`).
+pub struct Comparison<'a>(pub &'a BenchReport, pub &'a BenchReport);
+
+impl std::fmt::Display for Comparison<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = (self.0, self.1);
+        writeln!(
+            f,
+            "{} thread(s) against {} (ratio of medians; above 1: faster)",
+            b.threads, a.threads
+        )?;
+        let mut ratio = |name: &str, x: &Summary, y: &Summary| {
+            writeln!(f, "  {name:<22} {:>9.2}×", y.median / x.median)
+        };
+        ratio("prefill", &a.prefill_tokens_per_s, &b.prefill_tokens_per_s)?;
+        ratio("decode", &a.decode_tokens_per_s, &b.decode_tokens_per_s)?;
+        for (x, y) in a.decode_at.iter().zip(&b.decode_at) {
+            ratio(
+                &format!("decode at {}", x.position),
+                &x.tokens_per_s,
+                &y.tokens_per_s,
+            )?;
         }
         Ok(())
     }

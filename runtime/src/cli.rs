@@ -160,6 +160,10 @@ pub struct BenchArgs {
     /// context cannot hold are skipped)
     #[arg(long, value_delimiter = ',', default_value = "32,1024")]
     pub decode_at: Vec<usize>,
+    /// Also measure with this many threads, runs alternating with `--threads`' (side by side,
+    /// in one process), and print the ratios
+    #[arg(long)]
+    pub compare_threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +224,22 @@ pub struct ModelArgs {
     /// else the bundle's]
     #[arg(long)]
     pub context: Option<usize>,
+    /// Load from the ONNX graph every time: neither read nor write the load cache
+    /// ($QUILL_CACHE_DIR, else ~/.cache/quill/plans), which makes later loads of the same
+    /// bundle several times faster
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Number format of the KV cache: f16 halves its memory and what a decode step reads from
+    /// it (faster in long conversations), at a small cost in accuracy
+    #[arg(long, value_enum, default_value_t = KvCacheFormat::F32)]
+    pub kv_cache: KvCacheFormat,
+}
+
+/// `--kv-cache`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheFormat {
+    F32,
+    F16,
 }
 
 /// What `ModelArgs` resolve to once the board is read and the bundle's needs checked.
@@ -304,6 +324,12 @@ impl ModelArgs {
                 quill_attention: !self.tract_kernels,
                 return_memory: true,
                 context: Some(context),
+                cache_dir: if self.no_cache {
+                    None
+                } else {
+                    crate::cache::default_dir()
+                },
+                kv_f16: self.kv_cache == KvCacheFormat::F16,
             },
             board,
             estimate,
@@ -728,12 +754,34 @@ fn bench(a: BenchArgs) -> Result<()> {
         profile: a.profile,
         quill_kernels: !a.model.tract_kernels,
         decode_at: a.decode_at.clone(),
+        cache_dir: resolved.options.cache_dir.clone(),
+        kv_f16: resolved.options.kv_f16,
     };
-    let report = crate::bench::run(&resolved.dir, &opts)?;
+    let Some(other) = a.compare_threads else {
+        let report = crate::bench::run(&resolved.dir, &opts)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{report}");
+        }
+        return Ok(());
+    };
+    anyhow::ensure!(other >= 1, "--compare-threads must be at least 1");
+    let configs = [
+        opts.clone(),
+        crate::bench::BenchOptions {
+            threads: other,
+            ..opts
+        },
+    ];
+    let reports = crate::bench::run_side_by_side(&resolved.dir, &configs)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
-        print!("{report}");
+        for r in &reports {
+            print!("{r}");
+        }
+        print!("{}", crate::bench::Comparison(&reports[0], &reports[1]));
     }
     Ok(())
 }

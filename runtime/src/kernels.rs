@@ -20,15 +20,16 @@
 
 use std::sync::Arc;
 
-use tract_linalg::multithread::Executor;
+use crate::pool::Pool;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-/// Products smaller than this many multiply-adds stay on one thread: waking the pool costs
-/// more than it saves (a decode step's 576×576 product took 65 µs alone, about 100 µs split
-/// in two). In decode only the lm_head (28 M) is split; in prefill every product is.
-pub const MIN_MACS_TO_SPLIT: usize = 8 << 20;
+/// Products smaller than this many multiply-adds stay on one thread. With rayon's pool the
+/// threshold had to be 8 M (a decode step's 576×576 product took 65 µs alone, about 100 µs
+/// split in two: the wake-up cost more than the half saved); quill's spinning helpers
+/// ([`crate::pool`]) take a job in under a microsecond, so every decode product is split.
+pub const MIN_MACS_TO_SPLIT: usize = 1 << 16;
 
 /// Tokens multiplied per pass over a tile of weights in prefill (8: 16 accumulators and 2
 /// weight registers of AVX-512's 32).
@@ -48,6 +49,8 @@ pub struct Int8Linear {
     // Read only by the x86-64 kernel; elsewhere the op is never installed.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offset: Arc<Vec<i32>>,
+    /// The threads products are split over (`--threads`); `None`: the calling thread only.
+    pool: Option<Arc<Pool>>,
 }
 
 impl std::hash::Hash for Int8Linear {
@@ -69,27 +72,60 @@ impl Int8Linear {
         if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) || w.len() != k * n {
             return None;
         }
+        // Packed layout: for each block of 16 output channels and each group of 4 inputs, the
+        // 16 × 4 bytes a VNNI `vpdpbusd` consumes, lane-major: index
+        // ((block · k/4 + group) · 16 + lane) · 4 + kk. Filled four rows (a group) at a time,
+        // 64 contiguous bytes per block.
+        let groups = k / 4;
         let mut packed = vec![0i8; k * n];
-        let mut i = 0;
-        for block in 0..n / 16 {
-            for group in 0..k / 4 {
-                for lane in 0..16 {
-                    for kk in 0..4 {
-                        packed[i] = w[(group * 4 + kk) * n + block * 16 + lane];
-                        i += 1;
-                    }
+        for (group, rows) in w.chunks_exact(4 * n).enumerate() {
+            let (r0, rest) = rows.split_at(n);
+            let (r1, rest) = rest.split_at(n);
+            let (r2, r3) = rest.split_at(n);
+            for block in 0..n / 16 {
+                let dst = &mut packed[(block * groups + group) * 64..][..64];
+                let j0 = block * 16;
+                for (lane, d) in dst.chunks_exact_mut(4).enumerate() {
+                    let j = j0 + lane;
+                    d.copy_from_slice(&[r0[j], r1[j], r2[j], r3[j]]);
                 }
             }
         }
-        let offset = (0..n)
-            .map(|j| 128 * (0..k).map(|kk| w[kk * n + j] as i32).sum::<i32>())
-            .collect();
+        // 128 · Σ_k w[k][j]: the VNNI kernel adds 128 to the activations to make them unsigned.
+        let mut offset = vec![0i32; n];
+        for row in w.chunks_exact(n) {
+            for (o, &v) in offset.iter_mut().zip(row) {
+                *o += v as i32;
+            }
+        }
+        offset.iter_mut().for_each(|o| *o *= 128);
         Some(Int8Linear {
             k,
             n,
             packed: Arc::new(packed),
             offset: Arc::new(offset),
+            pool: None,
         })
+    }
+
+    /// The same product, split over `pool`'s threads when it is big enough.
+    pub fn with_pool(mut self, pool: Option<Arc<Pool>>) -> Int8Linear {
+        self.pool = pool;
+        self
+    }
+
+    /// The output shape `(…, n)` for an input `(…, k)`.
+    pub fn output_shape(&self, x: &[usize]) -> TractResult<TVec<usize>> {
+        let mut shape: TVec<usize> = x.into();
+        let last = shape.last_mut().context("a rank-0 input")?;
+        ensure!(*last == self.k, "input width {} for k={}", *last, self.k);
+        *last = self.n;
+        Ok(shape)
+    }
+
+    /// The threads products are split over, if any.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_deref()
     }
 
     /// Inputs per output channel.
@@ -104,12 +140,11 @@ impl Int8Linear {
 
     /// `out (m, n) = x (m, k) · W`, with the best kernel this CPU has, on the calling thread.
     pub fn run(&self, x: &[i8], out: &mut [i32]) {
-        self.run_on(x, out, &Executor::SingleThread);
+        self.run_on(x, out, None);
     }
 
-    /// [`Int8Linear::run`], with the output channels split over `executor`'s threads (tract's
-    /// pool: quill's `--threads`).
-    pub fn run_on(&self, x: &[i8], out: &mut [i32], executor: &Executor) {
+    /// [`Int8Linear::run`], with the output channels split over `pool`'s threads.
+    pub fn run_on(&self, x: &[i8], out: &mut [i32], pool: Option<&Pool>) {
         let m = x.len() / self.k;
         assert_eq!(x.len(), m * self.k);
         assert_eq!(out.len(), m * self.n);
@@ -117,21 +152,18 @@ impl Int8Linear {
         if vnni_available() {
             let pairs = self.n / 32;
             let out_ptr = SendPtr(out.as_mut_ptr());
-            #[allow(irrefutable_let_patterns)]
-            if let Executor::MultiThread(pool) = executor
-                && pool.current_num_threads() > 1
-                && pairs >= 2 * pool.current_num_threads()
+            if let Some(pool) = pool
+                && pool.threads() > 1
+                && pairs >= 2 * pool.threads()
                 && m * self.k * self.n >= MIN_MACS_TO_SPLIT
             {
-                let parts = pool.current_num_threads();
-                pool.scope(|s| {
-                    for i in 0..parts {
-                        let range = pairs * i / parts..pairs * (i + 1) / parts;
-                        let out_ptr = &out_ptr;
-                        // SAFETY: the CPU has the kernel's features (checked above); `x` and
-                        // `out` have the asserted sizes, and the parts write disjoint columns.
-                        s.spawn(move |_| unsafe { self.run_vnni(x, out_ptr.0, m, range) });
-                    }
+                let parts = pool.threads();
+                let out_ptr = &out_ptr;
+                pool.run(&|i| {
+                    let range = pairs * i / parts..pairs * (i + 1) / parts;
+                    // SAFETY: the CPU has the kernel's features (checked above); `x` and `out`
+                    // have the asserted sizes, and the parts write disjoint columns.
+                    unsafe { self.run_vnni(x, out_ptr.0, m, range) }
                 });
             } else {
                 // SAFETY: as above, one part covering every column.
@@ -139,7 +171,7 @@ impl Int8Linear {
             }
             return;
         }
-        let _ = executor;
+        let _ = pool;
         self.run_portable(x, out);
     }
 
@@ -341,22 +373,13 @@ impl EvalOp for Int8Linear {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let mut shape: TVec<usize> = x.shape().into();
-        let rank = shape.len();
-        ensure!(
-            shape[rank - 1] == self.k,
-            "input width {} for k={}",
-            shape[rank - 1],
-            self.k
-        );
-        shape[rank - 1] = self.n;
+        let shape = self.output_shape(x.shape())?;
         let x = x.try_as_plain_ram()?.as_slice::<i8>()?;
         let mut y = Tensor::zero::<i32>(&shape)?;
-        let executor = tract_linalg::multithread::current_tract_executor();
         self.run_on(
             x,
             y.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?,
-            &executor,
+            self.pool.as_deref(),
         );
         Ok(tvec!(y.into_tvalue()))
     }
@@ -374,71 +397,89 @@ impl TypedOp for Int8Linear {
 }
 
 /// Replaces every int8 `EinSum` `amk,kn->amn` with a constant weight and no zero points or
-/// scales by an [`Int8Linear`]; returns how many. Does nothing without AVX-512 VNNI.
-pub fn use_int8_kernels(model: &mut TypedModel) -> TractResult<usize> {
+/// scales by an [`Int8Linear`] splitting its products over `pool`; returns how many. Does
+/// nothing without AVX-512 VNNI.
+pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> TractResult<usize> {
     if !vnni_available() {
         return Ok(0);
     }
     let mut replaced = 0;
-    // One at a time (a replaced node drops out of the evaluation order), compacting every few
-    // replacements to free the original int8 constants: loading never holds two copies of
-    // every weight.
-    while let Some((id, op)) = next_int8_einsum(model)? {
-        let input = model.node(id).inputs[0];
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(name, op, &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.apply(model)?;
-        replaced += 1;
-        if replaced % 16 == 0 {
-            model.compact()?;
+    // In batches of 16 (node ids stay valid until `compact`), compacting after each batch to
+    // free the original int8 constants: loading never holds two copies of every weight. One
+    // evaluation order per batch, not per node (that made this phase quadratic: 0.4 s).
+    loop {
+        let found = int8_einsums(model)?;
+        if found.is_empty() {
+            break;
         }
+        for (id, w) in found.into_iter().take(16) {
+            let (k, n) = (w.shape()[0], w.shape()[1]);
+            let op = Int8Linear::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n)
+                .expect("replaceable_weight checked the shape")
+                .with_pool(pool.clone());
+            drop(w);
+            let input = model.node(id).inputs[0];
+            let name = model.node(id).name.clone();
+            let mut patch = TypedModelPatch::default();
+            let x = patch.tap_model(model, input)?;
+            let y = patch.wire_node(name, op, &[x])?[0];
+            patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+            patch.apply(model)?;
+            replaced += 1;
+        }
+        model.compact()?;
     }
-    model.compact()?;
     Ok(replaced)
 }
 
-/// The first int8 `EinSum` that [`Int8Linear`] can replace, with its replacement.
-fn next_int8_einsum(model: &TypedModel) -> TractResult<Option<(usize, Int8Linear)>> {
+/// The int8 `EinSum`s that [`Int8Linear`] can replace, in evaluation order, with their weights.
+fn int8_einsums(model: &TypedModel) -> TractResult<Vec<(usize, Arc<Tensor>)>> {
+    let mut found = Vec::new();
     for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(e) = node.op_as::<EinSum>() else {
-            continue;
-        };
-        if e.q_params != Some(DatumType::I32) || e.axes.to_string() != "amk,kn,,,,,,,->amn" {
-            continue;
-        }
-        let facts = model.node_input_facts(id)?;
-        if facts.len() != 9 || facts[0].datum_type != DatumType::I8 {
-            continue;
-        }
-        let Some(w) = &facts[1].konst else {
-            continue;
-        };
-        // Zero points (inputs 2, 3, 5, 7: bias, a0, b0, c0) must be 0 and scales (4, 6, 8) 1.
-        let trivial = |i: usize, one: bool| {
-            facts[i].konst.as_ref().is_some_and(|t| {
-                t.len() == 1
-                    && t.cast_to_scalar::<f32>()
-                        .is_ok_and(|v| v == if one { 1.0 } else { 0.0 })
-            })
-        };
-        if !([2, 3, 5, 7].iter().all(|&i| trivial(i, false))
-            && [4, 6, 8].iter().all(|&i| trivial(i, true)))
-        {
-            continue;
-        }
-        if w.datum_type() != DatumType::I8 || w.rank() != 2 {
-            continue;
-        }
-        let (k, n) = (w.shape()[0], w.shape()[1]);
-        if let Some(op) = Int8Linear::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n) {
-            return Ok(Some((id, op)));
+        if let Some(w) = replaceable_weight(model, id)? {
+            found.push((id, w));
         }
     }
-    Ok(None)
+    Ok(found)
+}
+
+/// The constant int8 weight of node `id` if it is an `EinSum` [`Int8Linear`] can replace.
+fn replaceable_weight(model: &TypedModel, id: usize) -> TractResult<Option<Arc<Tensor>>> {
+    let node = model.node(id);
+    let Some(e) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if e.q_params != Some(DatumType::I32) || e.axes.to_string() != "amk,kn,,,,,,,->amn" {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    if facts.len() != 9 || facts[0].datum_type != DatumType::I8 {
+        return Ok(None);
+    }
+    let Some(w) = &facts[1].konst else {
+        return Ok(None);
+    };
+    // Zero points (inputs 2, 3, 5, 7: bias, a0, b0, c0) must be 0 and scales (4, 6, 8) 1.
+    let trivial = |i: usize, one: bool| {
+        facts[i].konst.as_ref().is_some_and(|t| {
+            t.len() == 1
+                && t.cast_to_scalar::<f32>()
+                    .is_ok_and(|v| v == if one { 1.0 } else { 0.0 })
+        })
+    };
+    if !([2, 3, 5, 7].iter().all(|&i| trivial(i, false))
+        && [4, 6, 8].iter().all(|&i| trivial(i, true)))
+    {
+        return Ok(None);
+    }
+    if w.datum_type() != DatumType::I8 || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (k, n) = (w.shape()[0], w.shape()[1]);
+    if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) {
+        return Ok(None);
+    }
+    Ok(Some(w.clone()))
 }
 
 #[cfg(test)]
@@ -467,7 +508,7 @@ mod tests {
             s ^= s << 5;
             s as i8
         };
-        let pool = Executor::multithread(2);
+        let pool = Pool::new(2);
         // n = 128: whole groups of four blocks; n = 96: three pairs, the last one alone;
         // 512 × 2048 at 8 rows: big enough (MIN_MACS_TO_SPLIT) to be split over the threads;
         // at 20 rows: several tiles of columns, each with three groups of tokens.
@@ -492,7 +533,7 @@ mod tests {
                 op.run(&x, &mut y); // the SIMD kernel where the CPU has it
                 assert_eq!(y, expected, "best kernel, {m}×{k}×{n}");
                 let mut y = vec![0i32; m * n];
-                op.run_on(&x, &mut y, &pool);
+                op.run_on(&x, &mut y, Some(&pool));
                 assert_eq!(y, expected, "best kernel on 2 threads, {m}×{k}×{n}");
             }
         }

@@ -18,6 +18,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 
 use crate::bundle::{self, Bundle, Manifest};
+use crate::cache::{self, CacheUse};
 use crate::error::{BundleError, GenerateError};
 use crate::tokenizer::{TokenId, Tokenizer};
 
@@ -71,6 +72,12 @@ pub struct LoadOptions {
     /// Most tokens a session holds (default: the bundle's context). A board with little memory
     /// uses less: the KV cache grows with every token.
     pub context: Option<usize>,
+    /// Keep tract's prepared graph in this directory and start from it next time
+    /// ([`crate::cache`]); used only with `verify`, whose checksums key the entries.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Keep the KV cache in f16 instead of f32 (quill's attention only): half the memory and
+    /// the bytes a decode step reads from it; perplexity measured in `BENCHMARKS.md`.
+    pub kv_f16: bool,
 }
 
 impl Default for LoadOptions {
@@ -82,6 +89,8 @@ impl Default for LoadOptions {
             quill_attention: true,
             return_memory: true,
             context: None,
+            cache_dir: None,
+            kv_f16: false,
         }
     }
 }
@@ -97,6 +106,10 @@ pub struct Model {
     /// Of `load_time`, the integrity checks: every file's size and CRC-32 against the
     /// manifest, and the graph's tensors against their data ([`crate::graph_check`]).
     pub check_time: Duration,
+    /// `load_time` phase by phase, in order ("checks", "tokenizer", "parse", "optimize", …).
+    pub load_phases: Vec<(&'static str, Duration)>,
+    /// Whether the load started from the cache ([`LoadOptions::cache_dir`]).
+    pub cache: CacheUse,
     /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
     pub quill_kernel_ops: usize,
     /// Attention nodes running in quill's op ([`crate::attention`]): one per layer, or 0.
@@ -137,7 +150,9 @@ impl Model {
                 capacity: MAX_CONTEXT,
             });
         }
+        let t_tok = Instant::now();
         let tokenizer = Tokenizer::from_file(&bundle.path(bundle::TOKENIZER_FILE))?;
+        let tokenizer_time = t_tok.elapsed();
         if tokenizer.vocab_size() != m.config.vocab_size {
             return Err(BundleError::BadTokenizer {
                 path: bundle.path(bundle::TOKENIZER_FILE),
@@ -162,22 +177,22 @@ impl Model {
         if opts.return_memory {
             set_mmap_threshold(128 << 10);
         }
-        let t_graph = Instant::now();
-        let proto = read_graph(&graph, &bundle.dir)?;
-        check_time += t_graph.elapsed();
-        let built = contain_panic("building the model", || {
-            build_plan(&proto, &bundle.dir, m, opts)
-        })
-        .and_then(|r| r);
-        drop(proto);
+        let mut load_phases = vec![("checks", check_time), ("tokenizer", tokenizer_time)];
+        let (built, cache_use) = prepare_cached(&bundle, opts, &mut check_time, &mut load_phases);
+        let built = built.and_then(|typed| {
+            contain_panic("building the model", || {
+                finish_plan(typed, m, opts, &mut load_phases)
+            })
+            .and_then(|r| r)
+            .map_err(|e| BundleError::BadGraph {
+                path: graph.clone(),
+                reason: format!("{e:#}"),
+            })
+        });
         if opts.return_memory {
             set_mmap_threshold(32 << 20);
         }
-        let (plan, quill_kernel_ops, quill_attention_ops) =
-            built.map_err(|e| BundleError::BadGraph {
-                path: graph.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let (plan, quill_kernel_ops, quill_attention_ops) = built?;
         let context = opts.context.map_or(bundle.manifest.context_length, |c| {
             c.min(bundle.manifest.context_length)
         });
@@ -187,6 +202,8 @@ impl Model {
             plan,
             load_time: t0.elapsed(),
             check_time,
+            load_phases,
+            cache: cache_use,
             quill_kernel_ops,
             quill_attention_ops,
             context,
@@ -236,13 +253,91 @@ fn read_graph(path: &Path, dir: &Path) -> Result<ModelProto, BundleError> {
     Ok(proto)
 }
 
-fn build_plan(
+/// tract's prepared graph of the bundle — from the cache if it holds a valid entry, else from
+/// the ONNX graph (then saved) — and what the cache did. Errors are the bundle's, never the
+/// cache's.
+fn prepare_cached(
+    bundle: &Bundle,
+    opts: &LoadOptions,
+    check_time: &mut Duration,
+    phases: &mut Vec<(&'static str, Duration)>,
+) -> (Result<TypedModel, BundleError>, CacheUse) {
+    let entry = match &opts.cache_dir {
+        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle)),
+        _ => None,
+    };
+    let mut failed = None;
+    if let Some(e) = &entry {
+        let t = Instant::now();
+        match contain_panic("reading the load cache", || e.load()).and_then(|r| r) {
+            Ok(Some(mut model)) => {
+                phases.push(("cache read", t.elapsed()));
+                // NNEF spells some ops out in primitives: tract's optimizer would declutter them
+                // again anyway, timed here on its own.
+                let t = Instant::now();
+                if let Err(err) =
+                    contain_panic("decluttering the cached graph", || model.declutter())
+                        .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e:#}")))
+                {
+                    failed = Some(format!("{}: {err:#}", e.path().display()));
+                } else {
+                    phases.push(("declutter", t.elapsed()));
+                    return (Ok(model), CacheUse::Hit);
+                }
+            }
+            Ok(None) => {}
+            Err(err) => failed = Some(format!("reading {}: {err:#}", e.path().display())),
+        }
+    }
+    let graph = bundle.path(bundle::GRAPH_FILE);
+    let t_graph = Instant::now();
+    let proto = match read_graph(&graph, &bundle.dir) {
+        Ok(p) => p,
+        Err(e) => return (Err(e), CacheUse::Off),
+    };
+    *check_time += t_graph.elapsed();
+    phases[0].1 = *check_time;
+    let typed = contain_panic("building the model", || {
+        prepare(&proto, &bundle.dir, &bundle.manifest, phases)
+    })
+    .and_then(|r| r)
+    .map_err(|e| BundleError::BadGraph {
+        path: graph.clone(),
+        reason: format!("{e:#}"),
+    });
+    drop(proto);
+    let Some(e) = entry else {
+        return (typed, CacheUse::Off);
+    };
+    let Ok(model) = &typed else {
+        return (typed, CacheUse::Off);
+    };
+    let t = Instant::now();
+    let used = match contain_panic("writing the load cache", || e.store(model)).and_then(|r| r) {
+        Ok(()) => CacheUse::Stored,
+        Err(err) => CacheUse::Failed(format!(
+            "{}writing {}: {err:#}",
+            failed.map(|f| f + "; ").unwrap_or_default(),
+            e.path().display()
+        )),
+    };
+    phases.push(("cache write", t.elapsed()));
+    (typed, used)
+}
+
+/// The ONNX graph as tract's typed, decluttered model with the KV cache in tract's state: what
+/// the cache keeps (it depends on nothing but the bundle).
+fn prepare(
     proto: &ModelProto,
     dir: &Path,
     m: &Manifest,
-    opts: &LoadOptions,
-) -> anyhow::Result<(Arc<Plan>, usize, usize)> {
-    let threads = opts.threads;
+    phases: &mut Vec<(&'static str, Duration)>,
+) -> anyhow::Result<TypedModel> {
+    let mut t = Instant::now();
+    let mut lap = |name: &'static str| {
+        phases.push((name, t.elapsed()));
+        t = Instant::now();
+    };
     let parsed = tract_onnx::onnx()
         .parse(proto, dir.to_str())
         .context("parsing the ONNX graph")?;
@@ -251,7 +346,9 @@ fn build_plan(
         "the graph reads values nothing produces: {:?}",
         parsed.unresolved_inputs
     );
+    lap("parse");
     let mut model = parsed.model.into_typed().context("analysing the graph")?;
+    lap("type");
     let n_inputs = 1 + 2 * m.config.n_layers;
     anyhow::ensure!(
         model.inputs.len() == n_inputs,
@@ -261,8 +358,26 @@ fn build_plan(
     let kv = tract_onnx::tract_core::transform::get_transform("transformers_detect_all")?
         .context("tract-transformers' transformers_detect_all transform is not linked in")?;
     model.declutter()?;
+    lap("declutter");
     kv.transform(&mut model)
         .context("moving the KV cache into tract's state")?;
+    lap("detect KV cache");
+    Ok(model)
+}
+
+/// Quill's kernels, tract's optimization and the runnable plan, for this machine and `opts`.
+fn finish_plan(
+    mut model: TypedModel,
+    m: &Manifest,
+    opts: &LoadOptions,
+    phases: &mut Vec<(&'static str, Duration)>,
+) -> anyhow::Result<(Arc<Plan>, usize, usize)> {
+    let threads = opts.threads;
+    let mut t = Instant::now();
+    let mut lap = |name: &'static str| {
+        phases.push((name, t.elapsed()));
+        t = Instant::now();
+    };
     anyhow::ensure!(
         model.inputs.len() == 1 && model.outputs.len() == 1,
         "after KV-cache detection the graph has {} inputs and {} outputs, expected 1 and 1: \
@@ -270,29 +385,39 @@ fn build_plan(
         model.inputs.len(),
         model.outputs.len()
     );
+    // quill's kernels split their products over their own spinning threads (see `pool.rs`);
+    // tract's pool still takes its own ops (the FFN's rotation, 39 → 23 ms of a 128-token
+    // prefill on 2 threads).
+    let pool = (threads > 1).then(|| Arc::new(crate::pool::Pool::new(threads)));
     let quill_kernel_ops = if opts.quill_kernels {
-        crate::kernels::use_int8_kernels(&mut model).context("installing quill's int8 kernel")?
+        let n = crate::kernels::use_int8_kernels(&mut model, pool.clone())
+            .context("installing quill's int8 kernel")?;
+        crate::qlinear::fuse_quantization(&mut model)
+            .context("fusing the int8 quantization into quill's kernel")?;
+        n
     } else {
         0
     };
+    lap("int8 kernels");
     let mut model = model.into_optimized().context("optimizing the graph")?;
+    lap("optimize");
     let mut quill_attention_ops = 0;
     if opts.quill_attention {
         let capacity = opts
             .context
             .map_or(m.context_length, |c| c.min(m.context_length));
-        quill_attention_ops = crate::attention::use_kv_attention(&mut model, capacity)
-            .context("installing quill's attention")?;
+        quill_attention_ops =
+            crate::attention::use_kv_attention(&mut model, capacity, opts.kv_f16, pool)
+                .context("installing quill's attention")?;
     }
     let options = RunOptions {
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()
     };
-    Ok((
-        model.into_runnable_with_options(&options)?,
-        quill_kernel_ops,
-        quill_attention_ops,
-    ))
+    lap("attention");
+    let plan = model.into_runnable_with_options(&options)?;
+    lap("plan");
+    Ok((plan, quill_kernel_ops, quill_attention_ops))
 }
 
 /// Runs tract code, turning a panic into an error (the outer `Err`).

@@ -18,6 +18,8 @@ fn args(model: &std::path::Path, board: &str) -> ModelArgs {
         tract_kernels: false,
         board: Some(board.to_owned()),
         context: None,
+        no_cache: true,
+        kv_cache: quill::cli::KvCacheFormat::F32,
     }
 }
 
@@ -240,6 +242,9 @@ fn every_boards_unit_is_least_privilege() {
             "User=quill",
             "Restart=on-failure",
             "StartLimitIntervalSec=0",
+            // A restart starts from the load cache, in the one writable directory.
+            "CacheDirectory=quill",
+            "Environment=QUILL_CACHE_DIR=/var/cache/quill",
             "PrivateNetwork=yes",
             "RestrictAddressFamilies=none",
             "ProtectSystem=strict",

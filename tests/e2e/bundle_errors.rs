@@ -8,9 +8,32 @@ use quill::{BundleError, LoadOptions, Model};
 
 use crate::support::bundle_dir;
 
+/// A scratch directory, deleted when the test is done with it (CI machines may have little
+/// disk to spare: these copies added up to 3 GB).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A scratch copy of the bundle: the manifest copied, the other files hard-linked (cheap, and
 /// the tests replace rather than modify them).
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> Scratch {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("broken")
         .join(name);
@@ -21,7 +44,7 @@ fn scratch(name: &str) -> PathBuf {
     for f in [GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
         fs::hard_link(src.join(f), dir.join(f)).unwrap();
     }
-    dir
+    Scratch(dir)
 }
 
 fn manifest(dir: &Path) -> Manifest {
@@ -201,7 +224,7 @@ fn small_bundle() -> &'static Path {
 }
 
 /// A private copy of the small bundle: every file copied, so it can be changed in place.
-fn small_scratch(name: &str) -> PathBuf {
+fn small_scratch(name: &str) -> Scratch {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("broken-small")
         .join(name);
@@ -210,7 +233,7 @@ fn small_scratch(name: &str) -> PathBuf {
     for f in [MANIFEST_FILE, GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
         fs::copy(small_bundle().join(f), dir.join(f)).unwrap();
     }
-    dir
+    Scratch(dir)
 }
 
 /// Loads without the size/CRC checks, so the parsers and the graph checks face the damage.
@@ -439,12 +462,12 @@ fn non_finite_weights_are_refused_and_non_finite_logits_stop_generation() {
     // Finite but huge norm gains overflow inside the model: generation stops with an error
     // instead of sampling from infinities. (In an int8 graph the activation quantizer turns
     // them into zeros first, so this uses a float32 bundle.)
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("broken-small/huge-gain-f32");
+    let dir = Scratch(Path::new(env!("CARGO_TARGET_TMPDIR")).join("broken-small/huge-gain-f32"));
     let _ = fs::remove_dir_all(&dir);
     xtask::export::export(&xtask::export::ExportOptions {
         blocks: Some(vec![0, 29]),
         teacher: crate::support::teacher().to_owned(),
-        out_dir: dir.clone(),
+        out_dir: dir.to_path_buf(),
         name: "small-f32".into(),
         quant: xtask::export::QuantOptions::f32(),
     })

@@ -272,7 +272,7 @@ fn int8_info_and_profile_show_the_quantization_and_the_kernels() {
     let names: Vec<&str> = decode.iter().map(|o| o["op"].as_str().unwrap()).collect();
     // The int8 products run in quill's kernel where the CPU has one, else in tract's.
     let matmul = if quill::kernels::vnni_available() {
-        "QuillInt8Linear"
+        "QuillQuantizedLinear"
     } else {
         "OptMatMul"
     };

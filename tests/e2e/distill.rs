@@ -1,5 +1,6 @@
 //! The distillation pipeline on a tiny budget, on the real teacher and real text: choose two
-//! blocks, heal them for a few steps in two slices (the second resumes the first's checkpoint),
+//! blocks, heal them for a few steps in two slices (the second resumes the first's checkpoint;
+//! the last half with fake quantization, and a control run of those steps without it),
 //! export int8, write the model card, and generate with the bundle.
 
 use std::path::Path;
@@ -27,6 +28,8 @@ fn a_tiny_student_is_distilled_resumed_exported_and_generates() {
         checkpoint_every: 2,
         eval_every: 3,
         eval_windows: 2,
+        // Steps 3–5 with fake quantization; the resume at step 4 turns it back on.
+        qat_fraction: 0.5,
         ..DistillConfig::tiny_for_tests()
     };
     let preset = Preset {
@@ -48,6 +51,7 @@ fn a_tiny_student_is_distilled_resumed_exported_and_generates() {
             bench_tokens: 4,
             teacher_f32: Some(support::bundle_dir().to_owned()),
             teacher_int8: Some(support::quant_bundle_dir(WeightFormat::Int8).to_owned()),
+            qat_control: true,
         },
         stop_after: Some(4),
         ..Default::default()
@@ -58,6 +62,10 @@ fn a_tiny_student_is_distilled_resumed_exported_and_generates() {
     let ck = xtask::distill::train::load_checkpoint(&scratch.join("work/checkpoint.safetensors"))
         .unwrap();
     assert_eq!(ck.progress.step, 4);
+    // The checkpoint taken when fake quantization began, for the control run.
+    let snap = xtask::distill::train::load_checkpoint(&scratch.join("work/qat-start.safetensors"))
+        .unwrap();
+    assert_eq!(snap.progress.step, 3);
     let first_rows = ck.progress.train.clone();
 
     // Second: resumes at step 4 and finishes.
@@ -111,9 +119,12 @@ fn a_tiny_student_is_distilled_resumed_exported_and_generates() {
         "top-1 agreement",
         "decode tok/s",
         "**",
+        "| without (control) |",
     ] {
         assert!(card.contains(needle), "card lacks {needle:?}:\n{card}");
     }
     let png = std::fs::read(scratch.join("card/loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // Checkpoints with their optimizer moments and four bundles: about 1.5 GB of disk.
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

@@ -5,6 +5,7 @@ mod alloc;
 mod atomic;
 mod boards;
 mod bundle_errors;
+mod cache;
 mod cli;
 mod distill;
 mod eval;

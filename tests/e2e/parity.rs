@@ -198,29 +198,53 @@ fn tracts_attention_and_quills_agree() {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(15);
     let ids = m.tokenizer.encode(&text, false);
     assert!(ids.len() > 2 * quill::attention::KV_BLOCK, "{}", ids.len());
-    let mut last = Vec::new();
-    for model in [m, &plain] {
-        let mut s = model.session().unwrap();
-        let mut logits = s.forward_last(&ids).unwrap().to_vec();
-        let mut tokens = Vec::new();
-        for _ in 0..20 {
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0 as u32;
-            tokens.push(next);
-            logits = s.forward_last(&[next]).unwrap().to_vec();
-        }
-        last.push((tokens, logits));
-    }
+    let last = [greedy(m, &ids, 20), greedy(&plain, &ids, 20)];
     assert_eq!(last[0].0, last[1].0, "greedy tokens");
-    let (a, b) = (&last[0].1, &last[1].1);
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let worst = crate::support::max_abs_diff(&last[0].1, &last[1].1);
     assert!(worst < 1e-3, "final logits differ by up to {worst}");
+}
+
+/// An f16 KV cache (`--kv-cache f16`) stays close to the f32 one: same greedy tokens over a
+/// prompt across cache blocks, final logits within a small margin.
+#[test]
+fn an_f16_kv_cache_stays_close_to_f32() {
+    let m = model();
+    let half = quill::Model::load(
+        &m.bundle.dir,
+        &quill::LoadOptions {
+            kv_f16: true,
+            ..quill::LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        half.typed_model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op.name() == "QuillKvAttention")
+            .all(|n| n.op.info().unwrap().join(" ").contains("cache=f16"))
+    );
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(15);
+    let ids = m.tokenizer.encode(&text, false);
+    let last = [greedy(m, &ids, 20), greedy(&half, &ids, 20)];
+    assert_eq!(last[0].0, last[1].0, "greedy tokens");
+    let worst = crate::support::max_abs_diff(&last[0].1, &last[1].1);
+    let range = last[0].1.iter().fold(0f32, |a, x| a.max(x.abs()));
+    eprintln!(
+        "f16 vs f32 KV cache: final logits differ by up to {worst:.2e} (|logit| ≤ {range:.1})"
+    );
+    assert!(worst < 2e-3 * range, "final logits differ by up to {worst}");
+}
+
+/// `prompt`, then `n` greedy steps: the tokens chosen and the last step's logits.
+fn greedy(model: &quill::Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut s = model.session().unwrap();
+    let mut logits = s.forward_last(prompt).unwrap().to_vec();
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let next = crate::support::argmax(&logits) as u32;
+        tokens.push(next);
+        logits = s.forward_last(&[next]).unwrap().to_vec();
+    }
+    (tokens, logits)
 }

@@ -43,9 +43,16 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
     let m = quant_model(WeightFormat::Int8);
     let cfg = &m.manifest().config;
     let model = m.typed_model();
-    let (mut int8_weights, mut int8_bytes) = (0, 0);
+    let (mut int8_weights, mut int8_bytes, mut fused) = (0, 0, 0);
     for node in model.nodes() {
-        if let Some(q) = node.op_as::<quill::kernels::Int8Linear>() {
+        let quill_op = node
+            .op_as::<quill::qlinear::QuantizedLinear>()
+            .map(|f| {
+                fused += 1;
+                f.linear()
+            })
+            .or_else(|| node.op_as::<quill::kernels::Int8Linear>());
+        if let Some(q) = quill_op {
             int8_weights += 1;
             int8_bytes += q.k() * q.n();
             continue;
@@ -86,6 +93,8 @@ fn int8_linears_run_in_integer_kernels_with_no_float_copy_of_the_weights() {
         0
     };
     assert_eq!(m.quill_kernel_ops, expected_quill);
+    // Each with its quantization and dequantization fused around it (qlinear.rs).
+    assert_eq!(fused, expected_quill, "fused int8 linears");
     assert_eq!(m.quill_attention_ops, cfg.n_layers);
     let linear_params = cfg.n_params - cfg.vocab_size * cfg.d_model; // all but the embedding
     assert!(
@@ -119,39 +128,50 @@ fn quill_int8_kernel_and_tract_compute_the_same_logits() {
     use quill::{LoadOptions, Model};
     let quill_k = quant_model(WeightFormat::Int8);
     let dir = crate::support::quant_bundle_dir(WeightFormat::Int8);
-    let tract_k = Model::load(
-        dir,
-        &LoadOptions {
-            quill_kernels: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let load = |quill_kernels: bool, threads: usize| {
+        Model::load(
+            dir,
+            &LoadOptions {
+                quill_kernels,
+                threads,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let tract_k = load(false, 1);
     assert_eq!(tract_k.quill_kernel_ops, 0);
+    // Two threads: quill's products split by output channels over its kernel threads.
+    let quill_2 = load(true, 2);
     let ids = quill_k
         .tokenizer
         .encode("Shall I compare thee to a summer's day?", false);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    quill_k
-        .session()
-        .unwrap()
-        .forward_all(&ids, &mut a)
-        .unwrap();
-    tract_k
-        .session()
-        .unwrap()
-        .forward_all(&ids, &mut b)
-        .unwrap();
-    // Both accumulate int8 products exactly in int32; only float epilogues may differ.
-    let max_diff = max_abs_diff(&a, &b);
-    eprintln!("quill vs tract int8 kernels: max |logit diff| {max_diff:.2e}");
-    assert!(max_diff < 1e-3, "max |diff| {max_diff}");
+    let all = |m: &Model| {
+        let mut v = Vec::new();
+        m.session().unwrap().forward_all(&ids, &mut v).unwrap();
+        v
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Both accumulate int8 products exactly in int32, and quill's fused quantization and
+    // dequantization do tract's float operations in tract's order: bit for bit the same.
+    let (a, b) = (all(quill_k), all(&tract_k));
+    eprintln!(
+        "quill vs tract int8 kernels: max |logit diff| {:.2e}",
+        max_abs_diff(&a, &b)
+    );
+    assert!(bits(&a) == bits(&b), "quill's logits differ from tract's");
+    assert!(bits(&all(&quill_2)) == bits(&a), "2 threads differ from 1");
     // And token by token (the matrix-vector path).
-    let (mut sq, mut st) = (quill_k.session().unwrap(), tract_k.session().unwrap());
+    let mut sessions = [&quill_k, &&tract_k, &&quill_2].map(|m| m.session().unwrap());
     for (i, &t) in ids.iter().enumerate() {
-        let q = sq.forward_last(&[t]).unwrap().to_vec();
-        let d = max_abs_diff(&q, st.forward_last(&[t]).unwrap());
-        assert!(d < 1e-3, "position {i}: max |diff| {d}");
+        let [q, rest @ ..] = &mut sessions;
+        let q = bits(q.forward_last(&[t]).unwrap());
+        for (s, who) in rest.iter_mut().zip(["tract", "quill on 2 threads"]) {
+            assert!(
+                bits(s.forward_last(&[t]).unwrap()) == q,
+                "position {i}: {who} differs from quill"
+            );
+        }
     }
 }
 
@@ -190,6 +210,8 @@ fn rotations_leave_the_float_model_unchanged() {
     for (ra, rb) in a.chunks(v).zip(b.chunks(v)) {
         assert_eq!(argmax(ra), argmax(rb));
     }
+    // 540 MB that no other test reads.
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Perplexity ratio and agreement of `format` against float32 on held-out text.

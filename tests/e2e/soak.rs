@@ -264,7 +264,7 @@ impl Tally {
         let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
         format!(
             "soak {mode} mode, {baud} baud (seed {seed:#x}): requests {}, answered {}, noise events \
-             {} ({}), reconnects {}, resyncs {}, RSS after {early_at} requests {} kB, at the end \
+             {} ({}), reconnects {}, resyncs {}, anonymous RSS after {early_at} requests {} kB, at the end \
              {} kB ({:+} kB), {:.1} s",
             self.requests,
             self.answered,
@@ -302,7 +302,7 @@ fn run(
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap_or_default();
     assert!(
-        status.contains("VmRSS:"),
+        status.contains("RssAnon:"),
         "the server is gone; log:\n{}",
         server.log()
     );

@@ -320,7 +320,7 @@ fn quantization_info(q: &QuantOptions) -> Option<bundle::QuantizationInfo> {
 pub const CALIBRATION_WINDOW: usize = 512;
 
 /// Seed of the random signs of the residual-stream rotation (fixed: exports are reproducible).
-const ROTATION_SEED: u64 = 0x0071_7569_6c6c; // "quill"
+pub const ROTATION_SEED: u64 = 0x0071_7569_6c6c; // "quill"
 
 /// Cosine and sine tables for rotate-half RoPE: (context, head_dim), each half repeated.
 pub fn rope_tables(context: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {

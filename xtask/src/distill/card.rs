@@ -34,6 +34,8 @@ pub struct Inputs<'a> {
     /// Where README.md and loss.png go.
     pub dir: &'a Path,
     pub measure: &'a Measure,
+    /// The control run's student (the fake-quantized steps again without it), if there was one.
+    pub control: Option<&'a LlamaWeights>,
 }
 
 /// How much the card measures.
@@ -48,6 +50,9 @@ pub struct Measure {
     /// exports, made if missing].
     pub teacher_f32: Option<std::path::PathBuf>,
     pub teacher_int8: Option<std::path::PathBuf>,
+    /// With `qat_fraction`, train the control (the same last steps without fake quantization)
+    /// and compare: costs that fraction of the training time again.
+    pub qat_control: bool,
 }
 
 impl Default for Measure {
@@ -58,6 +63,7 @@ impl Default for Measure {
             bench_tokens: 64,
             teacher_f32: None,
             teacher_int8: None,
+            qat_control: true,
         }
     }
 }
@@ -95,6 +101,8 @@ fn bench(dir: &Path, m: &Measure) -> Result<BenchReport> {
             profile: false,
             quill_kernels: true,
             decode_at: Vec::new(),
+            cache_dir: None,
+            kv_f16: false,
         },
     )
 }
@@ -118,17 +126,21 @@ fn dir_bytes(dir: &Path) -> Result<u64> {
 pub fn write(i: &Inputs) -> Result<()> {
     let root = crate::workspace_root();
     // The teacher's bundles (made once, shared with other presets) and the student's float forms.
-    let teacher_f32 = crate::export::default_out_dir(
-        &root,
-        &crate::export::default_name(crate::export::WeightFormat::F32),
-    );
-    super::float_bundle(
-        i.teacher_path,
-        i.teacher,
-        &teacher_f32,
-        "smollm2-135m-instruct-f32",
-    )?;
-    let teacher_int8 = Preset::load("teacher")?.bundle()?;
+    let teacher_f32 = match &i.measure.teacher_f32 {
+        Some(d) => d.clone(),
+        None => {
+            let d = crate::export::default_out_dir(
+                &root,
+                &crate::export::default_name(crate::export::WeightFormat::F32),
+            );
+            super::float_bundle(i.teacher_path, i.teacher, &d, "smollm2-135m-instruct-f32")?;
+            d
+        }
+    };
+    let teacher_int8 = match &i.measure.teacher_int8 {
+        Some(d) => d.clone(),
+        None => Preset::load("teacher")?.bundle()?,
+    };
     let pruned_f32 = i.work.join("pruned-f32");
     let healed_f32 = i.work.join("healed-f32");
     let _ = std::fs::remove_dir_all(&pruned_f32);
@@ -143,6 +155,30 @@ pub fn write(i: &Inputs) -> Result<()> {
     let p_f32 = eval(&pruned_f32, Some(&reference), i.eval_text, m)?;
     let h_f32 = eval(&healed_f32, Some(&reference), i.eval_text, m)?;
     let s_int8 = eval(i.bundle, Some(&reference), i.eval_text, m)?;
+    // The control: same steps without fake quantization, float32 and int8.
+    let control = match i.control {
+        None => None,
+        Some(w) => {
+            let (f32_dir, int8_dir) = (i.work.join("control-f32"), i.work.join("control-int8"));
+            let _ = std::fs::remove_dir_all(&f32_dir);
+            let _ = std::fs::remove_dir_all(&int8_dir);
+            super::float_bundle(i.teacher_path, w, &f32_dir, "control-f32")?;
+            crate::export::export_weights(
+                &crate::export::ExportOptions {
+                    teacher: i.teacher_path.to_owned(),
+                    out_dir: int8_dir.clone(),
+                    name: "control-int8".into(),
+                    quant: crate::export::QuantOptions::new(i.preset.format()?),
+                    blocks: None,
+                },
+                w.clone(),
+            )?;
+            Some((
+                eval(&f32_dir, Some(&reference), i.eval_text, m)?,
+                eval(&int8_dir, Some(&reference), i.eval_text, m)?,
+            ))
+        }
+    };
     drop(reference);
     // Side by side in one process: teacher, student, teacher, student; medians of each pair.
     let (tb, sb) = (bench(&teacher_int8, m)?, bench(i.bundle, m)?);
@@ -279,6 +315,43 @@ pub fn write(i: &Inputs) -> Result<()> {
         ppl(&s_int8),
         agree(&s_int8)
     )?;
+    if let Some((c_f32, c_int8)) = &control {
+        let total = i.progress.step;
+        let n = (total as f64 * i.config.qat_fraction).round() as usize;
+        let gap = |q: &EvalReport, f: &EvalReport| {
+            format!("{:+.2}%", 100.0 * (q.perplexity / f.perplexity - 1.0))
+        };
+        writeln!(w, "## Fake quantization\n")?;
+        writeln!(
+            w,
+            "The last {n} of {total} steps healed with fake quantization: the forward pass \
+             rounds every block weight and every linear's input to int8 exactly as the exported \
+             graph will (same rotations, per-row and per-token scales), the backward pass goes \
+             straight through (`xtask/src/distill/qat.rs`). Control: the same {n} steps on the \
+             same data from the same checkpoint, without it. Held-out perplexity as above:\n"
+        )?;
+        writeln!(
+            w,
+            "| last {n} steps | float32 | int8 | int8 vs float32 | top-1 agreement (int8) |\n\
+             |---|---|---|---|---|"
+        )?;
+        writeln!(
+            w,
+            "| with fake quantization (this bundle) | {} | {} | {} | {} |",
+            ppl(&h_f32),
+            ppl(&s_int8),
+            gap(&s_int8, &h_f32),
+            agree(&s_int8)
+        )?;
+        writeln!(
+            w,
+            "| without (control) | {} | {} | {} | {} |\n",
+            ppl(c_f32),
+            ppl(c_int8),
+            gap(c_int8, c_f32),
+            agree(c_int8)
+        )?;
+    }
     writeln!(w, "## Which blocks were kept, and why\n")?;
     writeln!(
         w,

@@ -27,6 +27,8 @@ pub mod plot;
 #[cfg(feature = "distill")]
 pub mod progress;
 #[cfg(feature = "distill")]
+pub mod qat;
+#[cfg(feature = "distill")]
 pub mod train;
 
 #[cfg(feature = "distill")]
@@ -81,6 +83,10 @@ pub struct DistillConfig {
     /// Order of the training windows.
     #[serde(default)]
     pub seed: u64,
+    /// Fake-quantize weights and activations as the int8 export will ([`qat`]) during this
+    /// last fraction of the steps (0: never). Only for int8 presets.
+    #[serde(default)]
+    pub qat_fraction: f64,
 }
 
 mod defaults {
@@ -120,6 +126,7 @@ impl DistillConfig {
             eval_every: 1,
             eval_windows: 1,
             seed: 0,
+            qat_fraction: 0.0,
         }
     }
 
@@ -141,6 +148,11 @@ impl DistillConfig {
         ensure!(
             self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr,
             "learning rates: 0 ≤ min_lr ≤ lr, lr > 0"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.qat_fraction),
+            "qat_fraction must be within [0, 1], got {}",
+            self.qat_fraction
         );
         Ok(())
     }

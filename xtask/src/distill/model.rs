@@ -5,8 +5,11 @@
 //! in rotate-half order (the GGUF permutation already undone), tied head = embedding.
 //! Shapes: `B` sequences of `T` tokens, `D` model width, `H`/`KV` query/key-value heads of `hd`.
 
+use std::cell::RefCell;
+
 use candle_core::{D, Device, Result, Tensor, Var};
 
+use super::qat::{self, FakeQuant, Site};
 use crate::llama::{Block, LlamaConfig, LlamaWeights, Matrix};
 
 /// The names of a block's tensors, in checkpoint order (`blk.{i}.{name}`).
@@ -37,6 +40,8 @@ pub struct Decoder {
     sin: Tensor,
     /// Whether this decoder is trained (composite ops with gradients) or only run.
     trainable: bool,
+    /// Set while healing with fake quantization ([`qat`]).
+    fake_quant: RefCell<Option<FakeQuant>>,
 }
 
 fn matrix(m: &Matrix, dev: &Device) -> Result<Var> {
@@ -97,7 +102,28 @@ impl Decoder {
             cos: angles.cos()?,
             sin: angles.sin()?,
             trainable,
+            fake_quant: RefCell::new(None),
         })
+    }
+
+    /// From now on the forward pass rounds weights and activations as the int8 export will.
+    pub fn enable_fake_quant(&self) -> anyhow::Result<()> {
+        let mut fq = FakeQuant::new(&self.config, crate::export::ROTATION_SEED)?;
+        fq.refresh(&self.blocks)?;
+        *self.fake_quant.borrow_mut() = Some(fq);
+        Ok(())
+    }
+
+    pub fn fake_quant_on(&self) -> bool {
+        self.fake_quant.borrow().is_some()
+    }
+
+    /// Recomputes the fake-quantized weights after the weights changed (an optimizer step).
+    pub fn refresh_fake_quant(&self) -> Result<()> {
+        if let Some(fq) = self.fake_quant.borrow_mut().as_mut() {
+            fq.refresh(&self.blocks)?;
+        }
+        Ok(())
     }
 
     /// The trainable variables with their checkpoint names.
@@ -240,22 +266,58 @@ impl Decoder {
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), x.device())?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let linear = |x: &Tensor, w: &Var| x.matmul(&w.as_tensor().t()?);
-        for blk in &self.blocks {
+        let linear = |x: &Tensor, w: &Tensor| x.matmul(&w.t()?);
+        let fq = self.fake_quant.borrow();
+        let fq = fq.as_ref();
+        // A norm and the linears reading it: with fake quantization, the norm's gain is folded
+        // into them and their input rounded, as in the int8 graph.
+        let read = |x: &Tensor,
+                    gain: &Var,
+                    ws: &[(&Var, usize)],
+                    bi: usize|
+         -> Result<(Tensor, Vec<Tensor>)> {
+            match fq {
+                None => Ok((
+                    self.rms_norm(x, gain)?,
+                    ws.iter().map(|(w, _)| w.as_tensor().clone()).collect(),
+                )),
+                Some(fq) => {
+                    let xn = candle_nn::ops::rms_norm_slow(x, &fq.ones, self.config.rms_eps)?;
+                    let ws = ws
+                        .iter()
+                        .map(|(w, j)| qat::fold(w, gain)? + fq.delta_of(bi, *j))
+                        .collect::<Result<_>>()?;
+                    Ok((fq.activation(&xn, Site::Residual)?, ws))
+                }
+            }
+        };
+        let plain = |w: &Var, bi: usize, j: usize| -> Result<Tensor> {
+            match fq {
+                None => Ok(w.as_tensor().clone()),
+                Some(fq) => w.as_tensor() + fq.delta_of(bi, j),
+            }
+        };
+        let seen = |x: Tensor, site: Site| -> Result<Tensor> {
+            match fq {
+                None => Ok(x),
+                Some(fq) => fq.activation(&x, site),
+            }
+        };
+        for (bi, blk) in self.blocks.iter().enumerate() {
             if let Some(h) = hidden.as_deref_mut() {
                 h.push(x.reshape((b, t, d))?);
             }
-            let h = self.rms_norm(&x, &blk[0])?;
+            let (h, w) = read(&x, &blk[0], &[(&blk[1], 0), (&blk[2], 1), (&blk[3], 2)], bi)?;
             // (B, heads, T, hd)
-            let heads = |w: &Var, n: usize| -> Result<Tensor> {
+            let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
                 linear(&h, w)?
                     .reshape((b, t, n, hd))?
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = self.rope(&heads(&blk[1], nh)?, t)?;
-            let k = self.rope(&heads(&blk[2], nkv)?, t)?;
-            let v = heads(&blk[3], nkv)?;
+            let q = self.rope(&heads(&w[0], nh)?, t)?;
+            let k = self.rope(&heads(&w[1], nkv)?, t)?;
+            let v = heads(&w[2], nkv)?;
             // Grouped-query attention: each key/value head serves `group` query heads.
             let repeat = |x: Tensor| -> Result<Tensor> {
                 if group == 1 {
@@ -271,16 +333,25 @@ impl Decoder {
             let att = self.softmax(&att)?;
             // (B, H, T, hd) → (B·T, H·hd)
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-            x = (x + linear(&o, &blk[4])?)?;
-            let h = self.rms_norm(&x, &blk[5])?;
-            let gate = candle_nn::ops::silu(&linear(&h, &blk[6])?)?;
-            let up = linear(&h, &blk[7])?;
-            x = (x + linear(&(gate * up)?, &blk[8])?)?;
+            let o = seen(o, Site::AttentionOut)?;
+            x = (x + linear(&o, &plain(&blk[4], bi, 3)?)?)?;
+            let (h, w) = read(&x, &blk[5], &[(&blk[6], 4), (&blk[7], 5)], bi)?;
+            let gate = candle_nn::ops::silu(&linear(&h, &w[0])?)?;
+            let up = linear(&h, &w[1])?;
+            let act = seen((gate * up)?, Site::Ffn)?;
+            x = (x + linear(&act, &plain(&blk[8], bi, 6)?)?)?;
         }
         if let Some(h) = hidden {
             h.push(x.reshape((b, t, d))?);
         }
-        let x = self.rms_norm(&x, &self.output_norm)?;
+        let x = match fq {
+            None => self.rms_norm(&x, &self.output_norm)?,
+            Some(fq) => {
+                let xn = candle_nn::ops::rms_norm_slow(&x, &fq.ones, self.config.rms_eps)?;
+                fq.activation(&xn, Site::Residual)?
+                    .broadcast_mul(&self.output_norm.as_tensor().unsqueeze(0)?)?
+            }
+        };
         x.matmul(&emb.t()?)?.reshape((b, t, c.vocab_size))
     }
 }

@@ -106,6 +106,12 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
     let g = Gguf::open(&teacher_path)?;
     let weights = LlamaWeights::from_gguf(&g, true)?;
     config.check(weights.config.n_layers)?;
+    ensure!(
+        config.qat_fraction == 0.0 || preset.format()? == WeightFormat::Int8,
+        "preset {}: qat_fraction simulates the int8 export; its format is {}",
+        preset.name,
+        preset.quant
+    );
     let texts = texts(&g)?;
     eprintln!(
         "teacher: {} blocks, {:.1} M parameters; text: {} training and {} held-out tokens",
@@ -129,6 +135,12 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
 
     // 2. Heal, resuming from a checkpoint of the same configuration.
     let checkpoint = work.join("checkpoint.safetensors");
+    let snapshot = work.join("qat-start.safetensors");
+    let control_checkpoint = work.join("control.safetensors");
+    if opts.fresh {
+        let _ = std::fs::remove_file(&snapshot);
+        let _ = std::fs::remove_file(&control_checkpoint);
+    }
     let mut progress = train::Progress::default();
     let mut resumed = None;
     if checkpoint.exists() && !opts.fresh {
@@ -169,13 +181,62 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
         train_ids: &texts.train,
         eval_windows,
         checkpoint: checkpoint.clone(),
-        interrupted,
+        interrupted: interrupted.clone(),
         stop_after: opts.stop_after,
+        qat_snapshot: Some(snapshot.clone()),
     };
     if run.train(&mut progress, resumed.as_ref())? == train::Outcome::Interrupted {
         return Ok(None);
     }
     drop(resumed);
+
+    // 2b. What fake quantization brings: its steps again from the same checkpoint, without it.
+    let control = if run.qat_start().is_some() && !opts.no_card && opts.measure.qat_control {
+        let mut cfg = config.clone();
+        cfg.qat_fraction = 0.0;
+        let c_student = Decoder::new(&student_w, true, cfg.train_embedding)?;
+        let from = if control_checkpoint.exists() {
+            control_checkpoint.clone()
+        } else {
+            snapshot.clone()
+        };
+        let ck = train::load_checkpoint(&from).with_context(|| {
+            format!(
+                "the control run starts from {}, saved when fake quantization began; pass \
+                 --fresh to redo the whole run",
+                from.display()
+            )
+        })?;
+        if from == control_checkpoint {
+            ensure!(
+                ck.config == cfg,
+                "{} belongs to another configuration; pass --fresh to start over",
+                from.display()
+            );
+        }
+        c_student.load(&ck.tensors)?;
+        eprintln!(
+            "control: steps {}..{} again without fake quantization, from {}",
+            ck.progress.step,
+            run.total_steps(),
+            from.display()
+        );
+        let mut c_progress = ck.progress;
+        let c_run = train::Run {
+            config: &cfg,
+            student: &c_student,
+            checkpoint: control_checkpoint.clone(),
+            qat_snapshot: None,
+            eval_windows: run.eval_windows.clone(),
+            ..run
+        };
+        if c_run.train(&mut c_progress, Some(&ck.tensors))? == train::Outcome::Interrupted {
+            return Ok(None);
+        }
+        Some(c_student.to_weights()?)
+    } else {
+        None
+    };
 
     // 3. Export the healed student.
     let name = if reduced {
@@ -225,6 +286,7 @@ pub fn distill(preset: &Preset, opts: &DistillOptions) -> Result<Option<Distille
             work: &work,
             dir: &dir,
             measure: &opts.measure,
+            control: control.as_ref(),
         })?;
         Some(dir)
     };

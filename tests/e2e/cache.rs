@@ -1,0 +1,85 @@
+//! The load cache (`quill::cache`) on the int8 teacher: the second load starts from the cache and
+//! computes what a load from the ONNX graph computes; a damaged entry is ignored and rebuilt; a
+//! cache that cannot be written never stops a load.
+
+use std::fs;
+use std::path::Path;
+
+use quill::cache::CacheUse;
+use quill::{LoadOptions, Model};
+use xtask::export::WeightFormat;
+
+use crate::support::{self, max_abs_diff};
+
+fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut out = Vec::new();
+    m.session().unwrap().forward_all(ids, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
+    let bundle = support::quant_bundle_dir(WeightFormat::Int8);
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-cache");
+    let _ = fs::remove_dir_all(&cache);
+    let opts = LoadOptions {
+        cache_dir: Some(cache.clone()),
+        ..Default::default()
+    };
+    let phases = |m: &Model| m.load_phases.iter().map(|p| p.0).collect::<Vec<_>>();
+
+    let cold = Model::load(bundle, &opts).unwrap();
+    assert_eq!(cold.cache, CacheUse::Stored);
+    assert!(phases(&cold).contains(&"parse"), "{:?}", phases(&cold));
+    drop(cold);
+    let warm = Model::load(bundle, &opts).unwrap();
+    assert_eq!(warm.cache, CacheUse::Hit);
+    assert!(!phases(&warm).contains(&"parse"), "{:?}", phases(&warm));
+    assert_eq!(
+        warm.quill_kernel_ops,
+        support::quant_model(WeightFormat::Int8).quill_kernel_ops
+    );
+
+    // Same logits as the model loaded from ONNX, at every position of a prompt.
+    let plain = support::quant_model(WeightFormat::Int8);
+    let ids = plain.tokenizer.encode(
+        "The lighthouse keeper climbed the stairs every evening.",
+        false,
+    );
+    let d = max_abs_diff(&logits(plain, &ids), &logits(&warm, &ids));
+    eprintln!("warm (cached) vs ONNX load: max |logit diff| {d:.2e}");
+    assert!(d < 1e-4, "max |diff| {d}");
+    drop(warm);
+
+    // A damaged entry (one byte of the tar flipped) is ignored and rebuilt.
+    let tar = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".nnef.tar"))
+        .expect("the cache holds the bundle's entry");
+    let mut bytes = fs::read(&tar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&tar, &bytes).unwrap();
+    let rebuilt = Model::load(bundle, &opts).unwrap();
+    assert_eq!(rebuilt.cache, CacheUse::Stored);
+    drop(rebuilt);
+    assert_eq!(Model::load(bundle, &opts).unwrap().cache, CacheUse::Hit);
+
+    // A cache directory that cannot be created: the load works and says why it did not cache.
+    let blocked = cache.join("a-file");
+    fs::write(&blocked, b"not a directory").unwrap();
+    let m = Model::load(
+        bundle,
+        &LoadOptions {
+            cache_dir: Some(blocked.join("plans")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        matches!(&m.cache, CacheUse::Failed(why) if why.contains("a-file")),
+        "{:?}",
+        m.cache
+    );
+}
