@@ -8,6 +8,9 @@ use anyhow::{Context, Result, ensure};
 
 use crate::gguf::Gguf;
 
+/// The longest context a checkpoint may declare (2^20 tokens); more is taken for corruption.
+const MAX_CONTEXT: u64 = 1 << 20;
+
 /// The shape of a llama-style decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -48,6 +51,21 @@ impl LlamaConfig {
                 .context("tokenizer.ggml.tokens is not an array")?
                 .len(),
         };
+        // Everything below divides by the head counts or sizes buffers by these numbers: a
+        // corrupt value is an error here, not a division by zero or an allocation of terabytes.
+        ensure!(
+            n_heads >= 1 && n_kv_heads >= 1 && d_model >= 1,
+            "{}: {n_heads} attention heads, {n_kv_heads} key/value heads, width {d_model}: \
+             expected at least 1 of each (the metadata is corrupt)",
+            g.path.display()
+        );
+        let context_length = g.meta_u64(&key("context_length"))?;
+        ensure!(
+            (1..=MAX_CONTEXT).contains(&context_length),
+            "{}: context length {context_length}, expected 1 to {MAX_CONTEXT} (the rotary tables \
+             and the KV cache are sized by it; the metadata is corrupt)",
+            g.path.display()
+        );
         let cfg = LlamaConfig {
             n_layers: g.meta_u64(&key("block_count"))? as usize,
             d_model,
@@ -56,7 +74,7 @@ impl LlamaConfig {
             head_dim: d_model / n_heads,
             d_ff: g.meta_u64(&key("feed_forward_length"))? as usize,
             vocab_size,
-            context_length: g.meta_u64(&key("context_length"))? as usize,
+            context_length: context_length as usize,
             rope_theta: g.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
             rms_eps: g.meta_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
             tied_embeddings: !g.tensors.contains_key("output.weight"),
@@ -204,7 +222,9 @@ impl LlamaWeights {
         let c = LlamaConfig::from_gguf(g)?;
         let (d, hd) = (c.d_model, c.head_dim);
         let embedding = matrix(g, "token_embd.weight", c.vocab_size, d)?;
-        let mut blocks = Vec::with_capacity(c.n_layers);
+        // Every block is 9 tensors of the file: a block count beyond that is corrupt metadata,
+        // reported by the first missing tensor rather than by reserving room for it.
+        let mut blocks = Vec::with_capacity(c.n_layers.min(g.tensors.len() / 9));
         for l in 0..c.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
             let mut wq = matrix(g, &n("attn_q"), c.n_heads * hd, d)?;
@@ -242,7 +262,67 @@ impl LlamaWeights {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+
+    /// A llama GGUF with u32 metadata `kv` (after the architecture) and one F32 tensor,
+    /// `token_embd.weight` of 4 × 8 zeros.
+    fn gguf(kv: &[(&str, u32)]) -> Gguf {
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend((kv.len() as u64 + 1).to_le_bytes());
+        string(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        string(&mut b, "llama");
+        for (k, v) in kv {
+            string(&mut b, k);
+            b.extend(4u32.to_le_bytes());
+            b.extend(v.to_le_bytes());
+        }
+        string(&mut b, "token_embd.weight");
+        b.extend(2u32.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        b.extend(8u64.to_le_bytes());
+        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(0u64.to_le_bytes());
+        b.resize(b.len().next_multiple_of(32) + 4 * 32, 0);
+        Gguf::parse(Path::new("x.gguf"), b).unwrap()
+    }
+
+    /// Regressions from the GGUF fuzz target: a zero head count divided by zero, a huge block
+    /// count reserved room for that many blocks.
+    #[test]
+    fn corrupt_hyper_parameters_are_errors() {
+        let base = [
+            ("llama.embedding_length", 4),
+            ("llama.attention.head_count", 2),
+            ("llama.vocab_size", 8),
+            ("llama.block_count", 1),
+            ("llama.feed_forward_length", 8),
+            ("llama.context_length", 16),
+            ("llama.attention.layer_norm_rms_epsilon", 0),
+        ];
+        let with = |k: &str, v: u32| {
+            let kv: Vec<(&str, u32)> = base
+                .iter()
+                .map(|&(bk, bv)| (bk, if bk == k { v } else { bv }))
+                .collect();
+            gguf(&kv)
+        };
+        let err = |g: &Gguf| format!("{:#}", LlamaWeights::from_gguf(g, true).err().unwrap());
+        // The base file is fine up to the first block's missing tensors.
+        assert!(err(&with("", 0)).contains("blk.0.attn_q.weight is missing"));
+        assert!(err(&with("llama.attention.head_count", 0)).contains("0 attention heads"));
+        assert!(err(&with("llama.context_length", 0)).contains("context length 0"));
+        let e = err(&with("llama.block_count", u32::MAX));
+        assert!(e.contains("blk.0.attn_q.weight is missing"), "{e}");
+    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() {
