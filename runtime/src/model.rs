@@ -272,12 +272,21 @@ fn prepare_cached(
         match contain_panic("reading the load cache", || e.load()).and_then(|r| r) {
             Ok(Some(mut model)) => {
                 phases.push(("cache read", t.elapsed()));
-                // NNEF spells some ops out in primitives: tract's optimizer would declutter them
-                // again anyway, timed here on its own.
+                // NNEF spells some ops out in primitives (about 1,600 casts to the same type,
+                // the quantized products' reshapes): quill's kernels match the decluttered
+                // form, so declutter here, timed on its own. All of tract's declutter passes
+                // but `ChangeAxes`: on this graph it costs 245 of 313 ms, and the full declutter
+                // that starts tract's optimization runs it anyway, on the graph quill's kernels
+                // have already made smaller (74 ms there). Same plan, same logits.
                 let t = Instant::now();
-                if let Err(err) =
-                    contain_panic("decluttering the cached graph", || model.declutter())
-                        .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e:#}")))
+                if let Err(err) = contain_panic("decluttering the cached graph", || {
+                    let mut passes = tract_onnx::tract_core::optim::Optimizer::declutter();
+                    passes
+                        .passes
+                        .retain(|p| !format!("{p:?}").starts_with("ChangeAxes"));
+                    passes.optimize(&mut model)
+                })
+                .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e:#}")))
                 {
                     failed = Some(format!("{}: {err:#}", e.path().display()));
                 } else {
