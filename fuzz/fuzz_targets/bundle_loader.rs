@@ -94,6 +94,8 @@ fuzz_target!(|data: &[u8]| {
         context: Some(8),
         cache_dir: None,
         kv_f16: false,
+        // As `quill generate` loads: the graph rewritten to the last position's logits.
+        all_logits: false,
     };
     match Model::load(&f.dir, &opts) {
         Ok(model) => {

@@ -315,6 +315,7 @@ fn one_run(dir: &Path, opts: &BenchOptions, last: bool, acc: &mut Runs) -> anyho
             context: None,
             cache_dir: opts.cache_dir.clone(),
             kv_f16: opts.kv_f16,
+            all_logits: false,
         },
     )?;
     acc.cache_hits += usize::from(model.cache == crate::cache::CacheUse::Hit);

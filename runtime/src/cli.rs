@@ -330,6 +330,8 @@ impl ModelArgs {
                     crate::cache::default_dir()
                 },
                 kv_f16: self.kv_cache == KvCacheFormat::F16,
+                // Generation reads the last position's logits only; `eval` asks for all.
+                all_logits: false,
             },
             board,
             estimate,
@@ -795,9 +797,12 @@ fn eval(a: EvalArgs) -> Result<()> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let model = a.model.load()?;
+    // Perplexity scores every position: both models compute all logits.
+    let mut r = a.model.resolve()?;
+    r.options.all_logits = true;
+    let model = Model::load(&r.dir, &r.options)?;
     let other = match &a.against {
-        Some(dir) => Some(Model::load(dir, &a.model.resolve()?.options)?),
+        Some(dir) => Some(Model::load(dir, &r.options)?),
         None => None,
     };
     let opts = crate::eval::EvalOptions {

@@ -27,7 +27,8 @@ use crate::tokenizer::{TokenId, Tokenizer};
 pub const MAX_CONTEXT: usize = 8192;
 
 /// A prompt is fed to tract in chunks of at most this many tokens, bounding the size of the
-/// logits and attention temporaries: (1, chunk, vocab) f32 is 25 MB at 128 tokens.
+/// activations and, with [`LoadOptions::all_logits`], of the logits: (1, chunk, vocab) f32 is
+/// 25 MB at 128 tokens.
 pub const PREFILL_CHUNK: usize = 128;
 
 type Plan = TypedSimplePlan;
@@ -78,6 +79,11 @@ pub struct LoadOptions {
     /// Keep the KV cache in f16 instead of f32 (quill's attention only): half the memory and
     /// the bytes a decode step reads from it; perplexity measured in `BENCHMARKS.md`.
     pub kv_f16: bool,
+    /// Compute the logits of every position of a chunk (what `quill eval` scores). `false`
+    /// computes only the last position's, all that generation reads: the final norm and the
+    /// vocabulary-wide head run on one row instead of up to [`PREFILL_CHUNK`] (on the teacher,
+    /// a fifth of a prompt's multiply-adds and a 25 MB logits tensor).
+    pub all_logits: bool,
 }
 
 impl Default for LoadOptions {
@@ -91,6 +97,7 @@ impl Default for LoadOptions {
             context: None,
             cache_dir: None,
             kv_f16: false,
+            all_logits: true,
         }
     }
 }
@@ -374,6 +381,41 @@ fn prepare(
     Ok(model)
 }
 
+/// Feeds only the last position of the sequence axis into the graph's final norm: everything
+/// from there on (norm, head) works token by token, so the last row's logits are the same
+/// values, bit for bit, and the output becomes `(1, 1, vocab)` for any chunk. The final norm is
+/// the last `RmsNorm` in evaluation order, whose input is the residual stream `(1, S, d)`;
+/// a graph without one is left as it is.
+fn last_position_only(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    let Some(norm) = model
+        .eval_order()?
+        .into_iter()
+        .rfind(|&id| model.node(id).op.name() == "RmsNorm")
+    else {
+        return Ok(());
+    };
+    let node = model.node(norm);
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let s = match fact.shape.dims() {
+        [one, s, _] if one.is_one() => s.clone(),
+        _ => return Ok(()),
+    };
+    let mut patch = TypedModelPatch::default();
+    let mut inputs = patch.taps(model, &node.inputs)?;
+    inputs[0] = patch.wire_node(
+        format!("{}.last_position", node.name),
+        Slice::new(1, s.clone() - 1, s),
+        &inputs[0..1],
+    )?[0];
+    let out = patch.wire_node(&node.name, node.op.clone(), &inputs)?[0];
+    patch.shunt_outside(model, OutletId::new(norm, 0), out)?;
+    patch.apply(model)?;
+    // The nodes after the norm still carry facts with S rows.
+    model.refresh_output_facts()?;
+    Ok(())
+}
+
 /// Quill's kernels, tract's optimization and the runnable plan, for this machine and `opts`.
 fn finish_plan(
     mut model: TypedModel,
@@ -408,6 +450,9 @@ fn finish_plan(
         0
     };
     lap("int8 kernels");
+    if !opts.all_logits {
+        last_position_only(&mut model).context("keeping the last position's logits only")?;
+    }
     let mut model = model.into_optimized().context("optimizing the graph")?;
     lap("optimize");
     let mut quill_attention_ops = 0;
@@ -607,9 +652,12 @@ impl Session {
             last = Some((self.run_chunk(chunk)?, chunk.len()));
         }
         let (logits, n) = last.expect("at least one chunk");
-        let all = logits.try_as_plain_ram()?.as_slice::<f32>()?; // (1, n, vocab)
+        // (1, n, vocab), or (1, 1, vocab) when the model computes the last position's only.
+        let all = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+        let rows = if all.len() == self.vocab { 1 } else { n };
         let row = all
-            .get((n - 1) * self.vocab..n * self.vocab)
+            .get((rows - 1) * self.vocab..rows * self.vocab)
+            .filter(|_| all.len() == rows * self.vocab)
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "the graph returned {} logits for {n} tokens, expected {} per token",
@@ -632,6 +680,16 @@ impl Session {
         for chunk in tokens.chunks(PREFILL_CHUNK) {
             let logits = self.run_chunk(chunk)?;
             let logits = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+            if logits.len() != chunk.len() * self.vocab {
+                return Err(anyhow::anyhow!(
+                    "the model returned {} logits for {} tokens: it was loaded to compute the \
+                     last position's only (LoadOptions::all_logits is false); load it with \
+                     all_logits to score every position",
+                    logits.len(),
+                    chunk.len()
+                )
+                .into());
+            }
             check_finite(logits, self.len)?;
             out.extend_from_slice(logits);
         }

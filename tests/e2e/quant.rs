@@ -175,6 +175,57 @@ fn quill_int8_kernel_and_tract_compute_the_same_logits() {
     }
 }
 
+/// Generation loads the model to compute the last position's logits only
+/// (`LoadOptions::all_logits: false`): the full graph's last row, bit for bit, after a prompt
+/// longer than one prefill chunk and at the decode steps after it; scoring every position on
+/// such a model is an error that says why.
+#[test]
+fn last_position_logits_are_the_full_graphs_last_row() {
+    use quill::{LoadOptions, Model};
+    let full = quant_model(WeightFormat::Int8);
+    let dir = crate::support::quant_bundle_dir(WeightFormat::Int8);
+    let last = Model::load(
+        dir,
+        &LoadOptions {
+            all_logits: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids = full.tokenizer.encode(
+        &"The lighthouse keeper climbed the stairs every evening. ".repeat(16),
+        false,
+    );
+    assert!(
+        ids.len() > quill::model::PREFILL_CHUNK,
+        "{} tokens",
+        ids.len()
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (mut a, mut b) = (full.session().unwrap(), last.session().unwrap());
+    let prompt = a.forward_last(&ids).unwrap();
+    let mut next = vec![argmax(prompt) as u32];
+    assert!(
+        bits(prompt) == bits(b.forward_last(&ids).unwrap()),
+        "the prompt's last logits differ"
+    );
+    for step in 0..4 {
+        let (x, y) = (
+            a.forward_last(&next).unwrap(),
+            b.forward_last(&next).unwrap(),
+        );
+        assert!(bits(x) == bits(y), "decode step {step} differs");
+        next = vec![argmax(x) as u32];
+    }
+    let err = last
+        .session()
+        .unwrap()
+        .forward_all(&ids[..8], &mut Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("all_logits"), "{err}");
+}
+
 #[test]
 fn rotations_leave_the_float_model_unchanged() {
     use xtask::export::{ExportOptions, QuantOptions};
