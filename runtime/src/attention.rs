@@ -565,6 +565,38 @@ impl Blocks {
         }
     }
 
+    /// Starts loading `len` values of block `block` from offset `at` into the L2 cache, if
+    /// the block exists (x86-64; elsewhere nothing): attention asks for the next block while it
+    /// computes on this one. A head's 16 kB run spans four pages, and the hardware prefetchers
+    /// stop at each page boundary.
+    #[inline(always)]
+    fn prefetch(&self, block: usize, at: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+            let bytes: &[u8] = match self {
+                Blocks::F32(b) => match b.get(block).and_then(|b| b.get(at..at + len)) {
+                    Some(v) => bytemuck_f32(v),
+                    None => return,
+                },
+                Blocks::F16(b) => match b.get(block).and_then(|b| b.get(at..at + len)) {
+                    // SAFETY: f16 is two plain bytes; the slice is reinterpreted in place.
+                    Some(v) => unsafe {
+                        std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), 2 * v.len())
+                    },
+                    None => return,
+                },
+            };
+            for line in bytes.chunks(64) {
+                // SAFETY: a prefetch of an address inside the slice; SSE is part of the x86-64
+                // baseline.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast::<i8>()) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (block, at, len);
+    }
+
     /// `len` values of block `block` from offset `at`, as f32: the block itself, or (f16) its
     /// values converted into `scratch`.
     fn read<'a>(
@@ -582,6 +614,14 @@ impl Blocks {
             }
         }
     }
+}
+
+/// The bytes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 is four plain bytes, any byte is a valid u8; same allocation and lifetime.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), 4 * v.len()) }
 }
 
 /// `dst = src` as f32: eight at a time with F16C where the CPU has it (`half`'s slice
@@ -695,9 +735,17 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
     scores.resize(group * n, 0.0);
     // Block by block: this head's keys of one block are one contiguous (rows, d) run, read
     // once for the whole group.
+    let run = at.head * KV_BLOCK * d;
+    // The next block's run (or, after the last key block, the first value block's) is on its
+    // way while this one is computed.
+    let next_rows = |start: usize| (n.saturating_sub(start + KV_BLOCK)).min(KV_BLOCK);
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let keys = k.read(start / KV_BLOCK, at.head * KV_BLOCK * d, rows * d, scratch);
+        match next_rows(start) {
+            0 => v.prefetch(0, run, n.min(KV_BLOCK) * d),
+            r => k.prefetch(start / KV_BLOCK + 1, run, r * d),
+        }
+        let keys = k.read(start / KV_BLOCK, run, rows * d, scratch);
         for (t, q) in qs.chunks_exact(d).enumerate() {
             let st = &mut scores[t * n + start..][..rows];
             for (s, kj) in st.iter_mut().zip(keys.chunks_exact(d)) {
@@ -735,7 +783,8 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
     }
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let values = v.read(start / KV_BLOCK, at.head * KV_BLOCK * d, rows * d, scratch);
+        v.prefetch(start / KV_BLOCK + 1, run, next_rows(start) * d);
+        let values = v.read(start / KV_BLOCK, run, rows * d, scratch);
         // The block's values (16 kB at head_dim 64) stay in L1 across the group's heads.
         for (t, o) in os.chunks_exact_mut(d).enumerate() {
             let ps = &scores[t * n + start..][..rows];
