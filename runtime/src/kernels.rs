@@ -74,8 +74,7 @@ impl Int8Linear {
         }
         // Packed layout: for each block of 16 output channels and each group of 4 inputs, the
         // 16 × 4 bytes a VNNI `vpdpbusd` consumes, lane-major: index
-        // ((block · k/4 + group) · 16 + lane) · 4 + kk. Filled four rows (a group) at a time,
-        // 64 contiguous bytes per block.
+        // ((block · k/4 + group) · 16 + lane) · 4 + kk.
         // Written in order, block by block (a block reads 16 bytes of each of the k rows:
         // k cache lines, reused by the next three blocks). A load of the teacher packs 135 MB
         // here.
@@ -343,7 +342,6 @@ struct SendPtr(*mut i32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-/// Whether this CPU runs [`Int8Linear`]'s AVX-512 VNNI kernel.
 /// `d[4·l + r] = row_r[l]`: four rows of 16 bytes, interleaved byte by byte.
 #[inline(always)]
 fn interleave4(r0: &[i8; 16], r1: &[i8; 16], r2: &[i8; 16], r3: &[i8; 16], d: &mut [i8; 64]) {
@@ -372,6 +370,7 @@ fn interleave4(r0: &[i8; 16], r1: &[i8; 16], r2: &[i8; 16], r3: &[i8; 16], d: &m
     }
 }
 
+/// Whether this CPU runs [`Int8Linear`]'s AVX-512 VNNI kernel.
 pub fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
