@@ -213,10 +213,25 @@ impl Int8Linear {
         } else {
             (TILE_BYTES / pair_bytes).max(1)
         };
+        // Where the CPU has AMX, whole groups of 16 rows go through its tiles (the same exact
+        // int32 sums); the rows left over, and decode's one row, come here.
+        let mut first = 0;
+        #[cfg(target_os = "linux")]
+        if m >= crate::amx::TILE_ROWS
+            && self.k.is_multiple_of(crate::amx::TILE_K)
+            && crate::amx::available()
+        {
+            first = m / crate::amx::TILE_ROWS * crate::amx::TILE_ROWS;
+            // SAFETY: AMX is available (checked); `first` rows of k bytes, k a multiple of
+            // 64; `out` and `pairs` as this function's own contract.
+            unsafe {
+                crate::amx::product(&self.packed, self.k, self.n, x, out, first, pairs.clone())
+            };
+        }
         let mut start = pairs.start;
         while start < pairs.end {
             let cols = start..(start + tile).min(pairs.end);
-            let mut t = 0;
+            let mut t = first;
             while t < m {
                 let rows = (m - t).min(TOKENS_PER_PASS);
                 let xs = &x[t * self.k..(t + rows) * self.k];
@@ -544,6 +559,10 @@ mod tests {
             (72, 128, &[1, 2, 3, 4, 5, 9][..]),
             (64, 96, &[1, 3, 6]),
             (512, 2048, &[1, 8, 20]),
+            // AMX tiles (where the CPU has them): 16-row groups in pairs, an odd last group,
+            // and rows left over for the VNNI kernel.
+            (128, 64, &[16, 32, 48, 35]),
+            (576, 96, &[16, 64, 130]),
         ] {
             let mut w: Vec<i8> = (0..k * n).map(|_| rnd()).collect();
             w[0] = -128;

@@ -4,6 +4,7 @@
 //! then runs the decode loop on a [`model::Session`], choosing tokens with a [`sampler::Sampler`]
 //! and printing text through a [`stop::StopMatcher`]. [`chat`] renders conversations.
 
+pub mod amx;
 pub mod atomic;
 pub mod attention;
 pub mod bench;

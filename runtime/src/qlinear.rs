@@ -100,11 +100,43 @@ fn quantize_rows(x: &[f32], k: usize, q: &mut [i8], scales: &mut [f32]) {
     quantize_rows_body(x, k, q, scales)
 }
 
-/// [`quantize_rows_body`] compiled for AVX-512 (rounding and conversion in vector registers).
+/// [`quantize_rows_body`] in AVX-512 registers, 16 values at a time (the compiler left the
+/// maximum and the saturating cast scalar: 1.3 ns a value, 26 ms of a 128-token prefill).
+/// The same operations on each value: `max` of absolute values (exact in any order; a NaN is
+/// skipped, as `f32::max` does), one multiply, rounding half to even, and a conversion that is
+/// exact for |v| ≤ 127 (a NaN becomes 0, as `as i8` makes it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_rows_avx512(x: &[f32], k: usize, q: &mut [i8], scales: &mut [f32]) {
-    quantize_rows_body(x, k, q, scales)
+    use std::arch::x86_64::*;
+    if !k.is_multiple_of(16) {
+        return quantize_rows_body(x, k, q, scales);
+    }
+    for ((xr, qr), s) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)).zip(scales) {
+        let (xs, _) = xr.as_chunks::<16>();
+        let (qs, _) = qr.as_chunks_mut::<16>();
+        // SAFETY: every load reads one whole 16-value chunk of `xr`, every store writes one
+        // 16-byte chunk of `qr`.
+        unsafe {
+            let mut m = _mm512_setzero_ps();
+            for c in xs {
+                let a = _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr()));
+                // maxps returns its second operand when either is NaN: a NaN is skipped.
+                m = _mm512_max_ps(a, m);
+            }
+            let amax = _mm512_reduce_max_ps(m).max(1e-12);
+            let inv = _mm512_set1_ps(127f32 * amax.recip());
+            for (c, d) in xs.iter().zip(qs) {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv);
+                let r =
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                // cvtps gives i32::MIN for a NaN; its low byte is 0, which `vpmovdb` keeps.
+                let i = _mm512_cvtps_epi32(r);
+                _mm_storeu_si128(d.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(i));
+            }
+            *s = amax * 127f32.recip();
+        }
+    }
 }
 
 #[inline(always)]
@@ -407,5 +439,42 @@ mod tests {
         quantize_rows(&[0.0; 3], 3, &mut q, &mut s);
         assert_eq!(q, [0, 0, 0]);
         assert!(s[0] > 0.0);
+    }
+
+    #[test]
+    fn vector_quantization_is_the_scalar_one_bit_for_bit() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        // Rows of 48 and 576 (the vector path) and 20 (not a multiple of 16: scalar anyway);
+        // magnitudes from 1e-30 to 1e30, exact halves after scaling, zeros of both signs, NaN.
+        for k in [48usize, 576, 20] {
+            let m = 9;
+            let mut x: Vec<f32> = (0..m * k)
+                .map(|_| {
+                    let r = rnd();
+                    let mag = 10f32.powi((r % 61) as i32 - 30);
+                    (((r >> 8) % 2001) as f32 - 1000.0) / 1000.0 * mag
+                })
+                .collect();
+            x[..k].fill(0.0); // an all-zero row
+            x[k] = -0.0;
+            x[2 * k..2 * k + 3].copy_from_slice(&[127.0, 63.5, -0.5]); // halves: 63.5, -0.5
+            x[3 * k + 1] = f32::NAN;
+            let (mut q1, mut s1) = (vec![0i8; m * k], vec![0f32; m]);
+            let (mut q2, mut s2) = (vec![0i8; m * k], vec![0f32; m]);
+            quantize_rows(&x, k, &mut q1, &mut s1); // the vector one where the CPU has it
+            quantize_rows_body(&x, k, &mut q2, &mut s2);
+            assert_eq!(q1, q2, "k = {k}");
+            assert_eq!(
+                s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "k = {k}"
+            );
+        }
     }
 }

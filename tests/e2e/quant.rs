@@ -143,9 +143,19 @@ fn quill_int8_kernel_and_tract_compute_the_same_logits() {
     assert_eq!(tract_k.quill_kernel_ops, 0);
     // Two threads: quill's products split by output channels over its kernel threads.
     let quill_2 = load(true, 2);
-    let ids = quill_k
-        .tokenizer
-        .encode("Shall I compare thee to a summer's day?", false);
+    // Over 32 tokens and not a multiple of 16: where the CPU has AMX, two 16-row tiles of
+    // tokens go through it and the rest through the VNNI kernel.
+    let ids = quill_k.tokenizer.encode(
+        "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: \
+         Rough winds do shake the darling buds of May, And summer's lease hath all too short \
+         a date;",
+        false,
+    );
+    assert!(
+        ids.len() > 32 && !ids.len().is_multiple_of(16),
+        "{} tokens",
+        ids.len()
+    );
     let all = |m: &Model| {
         let mut v = Vec::new();
         m.session().unwrap().forward_all(&ids, &mut v).unwrap();
