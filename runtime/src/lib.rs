@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod model;
 pub mod pool;
 pub mod qlinear;
+pub mod rotation;
 pub mod sampler;
 pub mod serve;
 pub mod stop;

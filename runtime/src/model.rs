@@ -119,6 +119,9 @@ pub struct Model {
     pub cache: CacheUse,
     /// Matrix products running in quill's int8 kernel ([`crate::kernels`]).
     pub quill_kernel_ops: usize,
+    /// FFN rotations running in quill's op ([`crate::rotation`]): one per layer of a rotated
+    /// int8 bundle where the CPU has AVX-512, else 0.
+    pub quill_rotation_ops: usize,
     /// Attention nodes running in quill's op ([`crate::attention`]): one per layer, or 0.
     pub quill_attention_ops: usize,
     /// Most tokens a session holds: the bundle's context, or less ([`LoadOptions::context`]).
@@ -199,7 +202,7 @@ impl Model {
         if opts.return_memory {
             set_mmap_threshold(32 << 20);
         }
-        let (plan, quill_kernel_ops, quill_attention_ops) = built?;
+        let (plan, quill_kernel_ops, quill_rotation_ops, quill_attention_ops) = built?;
         let context = opts.context.map_or(bundle.manifest.context_length, |c| {
             c.min(bundle.manifest.context_length)
         });
@@ -212,6 +215,7 @@ impl Model {
             load_phases,
             cache: cache_use,
             quill_kernel_ops,
+            quill_rotation_ops,
             quill_attention_ops,
             context,
         })
@@ -422,7 +426,7 @@ fn finish_plan(
     m: &Manifest,
     opts: &LoadOptions,
     phases: &mut Vec<(&'static str, Duration)>,
-) -> anyhow::Result<(Arc<Plan>, usize, usize)> {
+) -> anyhow::Result<(Arc<Plan>, usize, usize, usize)> {
     let threads = opts.threads;
     let mut t = Instant::now();
     let mut lap = |name: &'static str| {
@@ -449,6 +453,12 @@ fn finish_plan(
     } else {
         0
     };
+    let quill_rotation_ops = if opts.quill_kernels {
+        crate::rotation::use_kron_rotation(&mut model, pool.clone())
+            .context("installing quill's FFN rotation")?
+    } else {
+        0
+    };
     lap("int8 kernels");
     if !opts.all_logits {
         last_position_only(&mut model).context("keeping the last position's logits only")?;
@@ -471,7 +481,12 @@ fn finish_plan(
     lap("attention");
     let plan = model.into_runnable_with_options(&options)?;
     lap("plan");
-    Ok((plan, quill_kernel_ops, quill_attention_ops))
+    Ok((
+        plan,
+        quill_kernel_ops,
+        quill_rotation_ops,
+        quill_attention_ops,
+    ))
 }
 
 /// Runs tract code, turning a panic into an error (the outer `Err`).
