@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use crate::arena::{Arena, Weights};
 use crate::pool::Pool;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -43,8 +44,8 @@ pub const TILE_BYTES: usize = 128 << 10;
 pub struct Int8Linear {
     k: usize,
     n: usize,
-    /// `(n/16, k/4, 16, 4)`, see the module docs.
-    packed: Arc<Vec<i8>>,
+    /// `(n/16, k/4, 16, 4)`, see the module docs; a range of the load's weight arena.
+    packed: Arc<Weights>,
     /// `128 · Σₖ W[k][j]` per output channel j.
     // Read only by the x86-64 kernel; elsewhere the op is never installed.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -67,18 +68,36 @@ impl PartialEq for Int8Linear {
 impl Eq for Int8Linear {}
 
 impl Int8Linear {
-    /// Packs `w (k, n)` row-major; `None` if the shape does not fit the kernel's blocks.
+    /// Packs `w (k, n)` row-major into memory of its own; `None` if the shape does not fit the
+    /// kernel's blocks (or the memory cannot be mapped).
     pub fn new(w: &[i8], k: usize, n: usize) -> Option<Int8Linear> {
-        if k == 0 || n == 0 || !k.is_multiple_of(4) || !n.is_multiple_of(32) || w.len() != k * n {
+        if !Self::fits(w, k, n) {
             return None;
         }
+        Some(Self::pack(w, k, n, Weights::alone(k * n).ok()?))
+    }
+
+    /// Packs `w (k, n)` into the next `k × n` bytes of `arena`; `None` if the shape does not
+    /// fit the kernel's blocks or the arena has no room.
+    pub fn new_in(w: &[i8], k: usize, n: usize, arena: &Arc<Arena>) -> Option<Int8Linear> {
+        if !Self::fits(w, k, n) {
+            return None;
+        }
+        Some(Self::pack(w, k, n, arena.take(k * n)?))
+    }
+
+    fn fits(w: &[i8], k: usize, n: usize) -> bool {
+        k > 0 && n > 0 && k.is_multiple_of(4) && n.is_multiple_of(32) && w.len() == k * n
+    }
+
+    fn pack(w: &[i8], k: usize, n: usize, mut weights: Weights) -> Int8Linear {
         // Packed layout: for each block of 16 output channels and each group of 4 inputs, the
         // 16 × 4 bytes a VNNI `vpdpbusd` consumes, lane-major: index
         // ((block · k/4 + group) · 16 + lane) · 4 + kk.
         // Written in order, block by block (a block reads 16 bytes of each of the k rows:
         // k cache lines, reused by the next three blocks). A load of the teacher packs 135 MB
         // here.
-        let mut packed = vec![0i8; k * n];
+        let packed = weights.as_mut_slice();
         let dst_blocks = packed.as_chunks_mut::<64>().0.chunks_exact_mut(k / 4);
         for (block, dst) in dst_blocks.enumerate() {
             let j0 = block * 16;
@@ -99,13 +118,13 @@ impl Int8Linear {
             }
         }
         offset.iter_mut().for_each(|o| *o *= 128);
-        Some(Int8Linear {
+        Int8Linear {
             k,
             n,
-            packed: Arc::new(packed),
+            packed: Arc::new(weights),
             offset: Arc::new(offset),
             pool: None,
-        })
+        }
     }
 
     /// The same product, split over `pool`'s threads when it is big enough.
@@ -446,33 +465,84 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     if !vnni_available() {
         return Ok(0);
     }
+    let found = int8_einsums(model)?;
+    if found.is_empty() {
+        return Ok(0);
+    }
+    // Every packed weight goes into one arena (huge pages, see `arena.rs`).
+    let total = found.iter().map(|(_, w)| w.len()).sum();
+    let arena = Arc::new(Arena::new(total).context("mapping memory for the int8 weights")?);
+    // Packing is most of this phase (135 MB of the teacher's weights): in batches of 16, each
+    // packed on two threads (whatever `--threads` says: loading is not inference, and a kiosk
+    // waits for it), then each original weight is released as soon as it is replaced, so
+    // loading never holds two copies of every weight.
     let mut replaced = 0;
-    // In batches of 16 (node ids stay valid until `compact`), compacting after each batch to
-    // free the original int8 constants: loading never holds two copies of every weight. One
-    // evaluation order per batch, not per node (that made this phase quadratic: 0.4 s).
+    let mut found = found.into_iter();
     loop {
-        let found = int8_einsums(model)?;
-        if found.is_empty() {
+        let batch: Vec<(usize, Arc<Tensor>)> = found.by_ref().take(16).collect();
+        if batch.is_empty() {
             break;
         }
-        for (id, w) in found.into_iter().take(16) {
+        let pack = |(id, w): &(usize, Arc<Tensor>)| -> TractResult<(usize, Int8Linear)> {
             let (k, n) = (w.shape()[0], w.shape()[1]);
-            let op = Int8Linear::new(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n)
-                .expect("replaceable_weight checked the shape")
-                .with_pool(pool.clone());
-            drop(w);
+            let op = Int8Linear::new_in(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n, &arena)
+                .context("replaceable_weight checked the shape; the arena holds them all")?;
+            Ok((*id, op))
+        };
+        let (first, second) = batch.split_at(batch.len() / 2);
+        let packed: Vec<(usize, Int8Linear)> = std::thread::scope(|s| {
+            let other = s.spawn(|| second.iter().map(pack).collect::<TractResult<Vec<_>>>());
+            let mut ops = first.iter().map(pack).collect::<TractResult<Vec<_>>>()?;
+            ops.extend(
+                other
+                    .join()
+                    .map_err(|_| anyhow!("packing weights panicked"))??,
+            );
+            TractResult::Ok(ops)
+        })?;
+        drop(batch);
+        for (id, op) in packed {
+            let op = op.with_pool(pool.clone());
             let input = model.node(id).inputs[0];
+            let weight = model.node(id).inputs[1];
             let name = model.node(id).name.clone();
             let mut patch = TypedModelPatch::default();
             let x = patch.tap_model(model, input)?;
             let y = patch.wire_node(name, op, &[x])?[0];
             patch.shunt_outside(model, OutletId::new(id, 0), y)?;
             patch.apply(model)?;
+            release_constant(model, weight);
             replaced += 1;
         }
-        model.compact()?;
     }
+    model.compact()?;
     Ok(replaced)
+}
+
+/// Drops the constant tensor behind `outlet` if nothing but replaced nodes reads it: its
+/// `Const` op and its fact hold the only references once the `found` list lets go. (The
+/// nodes themselves go at the next `compact`; compacting after every batch took 45 ms.)
+fn release_constant(model: &mut TypedModel, outlet: OutletId) {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let node = model.node(outlet.node);
+    if !node.op_is::<Const>() || node.outputs.len() != 1 {
+        return;
+    }
+    // Every reader must be an EinSum already cut off from the graph's outputs: the patch
+    // rewired its users, so it has none.
+    let dead = node.outputs[0].successors.iter().all(|s| {
+        let reader = model.node(s.node);
+        reader.op_is::<EinSum>() && reader.outputs.iter().all(|o| o.successors.is_empty())
+    });
+    if !dead {
+        return;
+    }
+    let empty = Arc::new(Tensor::zero::<i8>(&[0]).expect("an empty tensor"));
+    let node = model.node_mut(outlet.node);
+    if let Ok(c) = Const::new(empty) {
+        node.op = Box::new(c);
+    }
+    node.outputs[0].fact.konst = None;
 }
 
 /// The int8 `EinSum`s that [`Int8Linear`] can replace, in evaluation order, with their weights.

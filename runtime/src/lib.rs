@@ -5,6 +5,7 @@
 //! and printing text through a [`stop::StopMatcher`]. [`chat`] renders conversations.
 
 pub mod amx;
+pub mod arena;
 pub mod atomic;
 pub mod attention;
 pub mod bench;

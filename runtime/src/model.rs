@@ -160,9 +160,25 @@ impl Model {
                 capacity: MAX_CONTEXT,
             });
         }
-        let t_tok = Instant::now();
-        let tokenizer = Tokenizer::from_file(&bundle.path(bundle::TOKENIZER_FILE))?;
-        let tokenizer_time = t_tok.elapsed();
+        // The tokenizer is read on a second thread while the graph loads (41 ms of a warm
+        // load on one core; the boards have four).
+        let tokenizer_path = bundle.path(bundle::TOKENIZER_FILE);
+        let (tokenizer, tokenizer_time, built, cache_use, mut load_phases) =
+            std::thread::scope(|s| {
+                let tok = s.spawn(|| {
+                    let t = Instant::now();
+                    let r = Tokenizer::from_file(&tokenizer_path);
+                    (r, t.elapsed())
+                });
+                let (built, cache_use, load_phases) = self::build(&bundle, opts, &mut check_time);
+                let (tokenizer, time) = match tok.join() {
+                    Ok(r) => r,
+                    Err(p) => std::panic::resume_unwind(p),
+                };
+                (tokenizer, time, built, cache_use, load_phases)
+            });
+        let tokenizer = tokenizer?;
+        load_phases.insert(1, ("tokenizer ∥", tokenizer_time));
         if tokenizer.vocab_size() != m.config.vocab_size {
             return Err(BundleError::BadTokenizer {
                 path: bundle.path(bundle::TOKENIZER_FILE),
@@ -172,35 +188,6 @@ impl Model {
                     m.config.vocab_size
                 ),
             });
-        }
-        let graph = bundle.path(bundle::GRAPH_FILE);
-        // tract's fused attention spreads its heads over rayon's global pool (every core,
-        // whatever `--threads` says). Waking the pool 30 times per decode step cost more than
-        // the attention itself: 13.5 ms per step on 2 threads against 8.1 ms on one (int8
-        // teacher, about 160 cached tokens), and prefill gained 5%. Keep it on the calling
-        // thread; the environment variable still overrides. Process-wide; ignored if something
-        // set it differently before.
-        let _ = tract_onnx::tract_core::internal::tract_data::knobs::set_config_global(
-            "TRACT_FLASH_SDPA_ST",
-            "true",
-        );
-        if opts.return_memory {
-            set_mmap_threshold(128 << 10);
-        }
-        let mut load_phases = vec![("checks", check_time), ("tokenizer", tokenizer_time)];
-        let (built, cache_use) = prepare_cached(&bundle, opts, &mut check_time, &mut load_phases);
-        let built = built.and_then(|typed| {
-            contain_panic("building the model", || {
-                finish_plan(typed, m, opts, &mut load_phases)
-            })
-            .and_then(|r| r)
-            .map_err(|e| BundleError::BadGraph {
-                path: graph.clone(),
-                reason: format!("{e:#}"),
-            })
-        });
-        if opts.return_memory {
-            set_mmap_threshold(32 << 20);
         }
         let (plan, quill_kernel_ops, quill_rotation_ops, quill_attention_ops) = built?;
         let context = opts.context.map_or(bundle.manifest.context_length, |c| {
@@ -220,7 +207,58 @@ impl Model {
             context,
         })
     }
+}
 
+/// What [`finish_plan`] returns: the plan and how many ops of each of quill's kinds it holds.
+type Built = (Arc<Plan>, usize, usize, usize);
+
+/// The runnable plan of `bundle`, through the load cache when `opts` has one, with how the
+/// cache was used and the load's phases.
+fn build(
+    bundle: &Bundle,
+    opts: &LoadOptions,
+    check_time: &mut Duration,
+) -> (
+    Result<Built, BundleError>,
+    CacheUse,
+    Vec<(&'static str, Duration)>,
+) {
+    let m = &bundle.manifest;
+    {
+        let graph = bundle.path(bundle::GRAPH_FILE);
+        // tract's fused attention spreads its heads over rayon's global pool (every core,
+        // whatever `--threads` says). Waking the pool 30 times per decode step cost more than
+        // the attention itself: 13.5 ms per step on 2 threads against 8.1 ms on one (int8
+        // teacher, about 160 cached tokens), and prefill gained 5%. Keep it on the calling
+        // thread; the environment variable still overrides. Process-wide; ignored if something
+        // set it differently before.
+        let _ = tract_onnx::tract_core::internal::tract_data::knobs::set_config_global(
+            "TRACT_FLASH_SDPA_ST",
+            "true",
+        );
+        if opts.return_memory {
+            set_mmap_threshold(128 << 10);
+        }
+        let mut load_phases = vec![("checks", *check_time)];
+        let (built, cache_use) = prepare_cached(bundle, opts, check_time, &mut load_phases);
+        let built = built.and_then(|typed| {
+            contain_panic("building the model", || {
+                finish_plan(typed, m, opts, &mut load_phases)
+            })
+            .and_then(|r| r)
+            .map_err(|e| BundleError::BadGraph {
+                path: graph.clone(),
+                reason: format!("{e:#}"),
+            })
+        });
+        if opts.return_memory {
+            set_mmap_threshold(32 << 20);
+        }
+        (built, cache_use, load_phases)
+    }
+}
+
+impl Model {
     pub fn manifest(&self) -> &Manifest {
         &self.bundle.manifest
     }
@@ -447,19 +485,21 @@ fn finish_plan(
     let quill_kernel_ops = if opts.quill_kernels {
         let n = crate::kernels::use_int8_kernels(&mut model, pool.clone())
             .context("installing quill's int8 kernel")?;
+        lap("int8 packing");
         crate::qlinear::fuse_quantization(&mut model)
             .context("fusing the int8 quantization into quill's kernel")?;
         n
     } else {
         0
     };
+    lap("int8 kernels");
     let quill_rotation_ops = if opts.quill_kernels {
         crate::rotation::use_kron_rotation(&mut model, pool.clone())
             .context("installing quill's FFN rotation")?
     } else {
         0
     };
-    lap("int8 kernels");
+    lap("rotation");
     if !opts.all_logits {
         last_position_only(&mut model).context("keeping the last position's logits only")?;
     }
