@@ -138,6 +138,18 @@ impl Weights {
         Ok(arena.take(len).expect("the arena is this size"))
     }
 
+    /// The bytes as f32 (the bench's bandwidth test); `None` unless the range is 4-aligned
+    /// and a whole number of floats.
+    pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
+        let bytes = self.as_mut_slice();
+        if !(bytes.as_ptr() as usize).is_multiple_of(4) || !bytes.len().is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: aligned (checked), a whole number of f32s, every bit pattern a valid f32,
+        // and the borrow of `self` covers the view's lifetime.
+        Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / 4) })
+    }
+
     /// The bytes, for writing (packing).
     pub fn as_mut_slice(&mut self) -> &mut [i8] {
         // SAFETY: the range is inside the arena (checked by `take`), zero-initialized, and
