@@ -101,7 +101,7 @@ pub struct BenchReport {
     pub decode_limit_tokens_per_s: f64,
     /// Median decode ÷ the limit.
     pub decode_fraction_of_limit: f64,
-    /// Peak resident memory of the process over all runs, in MB.
+    /// Peak resident memory over this configuration's runs, in MB (see [`run_side_by_side`]).
     pub peak_rss_mb: Option<f64>,
     /// With `--profile`: where the time goes, per operator kind.
     pub profile: Option<Profile>,
@@ -262,6 +262,12 @@ pub fn weight_bytes_per_token(dir: &Path) -> anyhow::Result<u64> {
     Ok(bytes)
 }
 
+/// Resets the kernel's record of the peak resident set size (Linux 4.0 and later); false if
+/// the system refuses.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// The process's peak resident set size (`VmHWM`), in MB; Linux only.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -276,7 +282,9 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
 
 /// Several configurations (for instance 1 and 2 threads) measured side by side: run `r` of
 /// every configuration happens before run `r + 1` of any, so a slow spell of a shared machine
-/// falls on all of them alike. Peak RSS is the process's, over every configuration.
+/// falls on all of them alike. Peak RSS is each configuration's own: before each run the heap's
+/// free pages go back to the system and the kernel's high-water mark is reset
+/// (`/proc/self/clear_refs`); where that reset is refused, it is the process's over every run.
 pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<Vec<BenchReport>> {
     anyhow::ensure!(!configs.is_empty(), "nothing to measure");
     let runs = configs[0].runs;
@@ -284,16 +292,28 @@ pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<
     let mut acc: Vec<Runs> = configs.iter().map(|_| Runs::default()).collect();
     for run in 0..runs {
         for (opts, acc) in configs.iter().zip(&mut acc) {
+            crate::model::trim_heap();
+            let reset = reset_peak_rss();
             one_run(dir, opts, run + 1 == runs, acc)?;
+            // The peak RSS is the model's: read before the triad allocates its 192 MB.
+            let peak = peak_rss_mb();
+            acc.peak_rss_mb = match (reset, acc.peak_rss_mb, peak) {
+                (true, Some(a), Some(b)) => Some(a.max(b)),
+                (true, None, p) => p,
+                // No reset: the process's peak, whichever configuration reached it.
+                (false, _, p) => p,
+                (true, a, None) => a,
+            };
         }
     }
-    // The peak RSS is the model's: read before the triad allocates its 192 MB.
-    let peak_rss_mb = peak_rss_mb();
     let weight_bytes_per_token = weight_bytes_per_token(dir)?;
     configs
         .iter()
         .zip(acc)
-        .map(|(opts, acc)| summarize(opts, acc, peak_rss_mb, weight_bytes_per_token))
+        .map(|(opts, acc)| {
+            let peak = acc.peak_rss_mb;
+            summarize(opts, acc, peak, weight_bytes_per_token)
+        })
         .collect()
 }
 
@@ -310,6 +330,7 @@ struct Runs {
     at: Vec<Vec<f64>>,
     header: Option<(String, String)>,
     prof: Option<Profile>,
+    peak_rss_mb: Option<f64>,
 }
 
 /// One run: load, prefill, decode, decode at each position; with `last`, the profile too.

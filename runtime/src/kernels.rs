@@ -472,14 +472,14 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     // Every packed weight goes into one arena (huge pages, see `arena.rs`).
     let total = found.iter().map(|(_, w)| w.len()).sum();
     let arena = Arc::new(Arena::new(total).context("mapping memory for the int8 weights")?);
-    // Packing is most of this phase (135 MB of the teacher's weights): in batches of 16, each
-    // packed on two threads (whatever `--threads` says: loading is not inference, and a kiosk
-    // waits for it), then each original weight is released as soon as it is replaced, so
-    // loading never holds two copies of every weight.
+    // Packing is most of this phase (135 MB of the teacher's weights): two weights at a time,
+    // one per thread (whatever `--threads` says: loading is not inference, and a kiosk waits
+    // for it), each original released as soon as it is replaced, so loading holds two copies
+    // of at most two weights (the 28 MB head is the high-water mark).
     let mut replaced = 0;
     let mut found = found.into_iter();
     loop {
-        let batch: Vec<(usize, Arc<Tensor>)> = found.by_ref().take(16).collect();
+        let batch: Vec<(usize, Arc<Tensor>)> = found.by_ref().take(2).collect();
         if batch.is_empty() {
             break;
         }

@@ -54,6 +54,20 @@ fn set_mmap_threshold(bytes: i32) {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn set_mmap_threshold(_bytes: i32) {}
 
+/// Returns the free pages of every glibc arena to the system. The load's second thread (file
+/// checks, tokenizer) allocates in an arena of its own, whose freed memory glibc otherwise
+/// keeps: 12 MB of a warm load's steady RSS.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn trim_heap() {}
+
 /// How to prepare a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -188,6 +202,9 @@ impl Model {
                 let verified = verified.map(|()| verify_time);
                 (verified, tokenizer, time, built, cache_use, load_phases)
             });
+        if opts.return_memory {
+            trim_heap();
+        }
         let verify_time = verified?;
         let tokenizer = tokenizer?;
         load_phases.insert(1, ("file checks ∥", verify_time));
