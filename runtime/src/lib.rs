@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod model;
 pub mod pool;
 pub mod qlinear;
+pub mod rope;
 pub mod rotation;
 pub mod sampler;
 pub mod serve;

@@ -544,6 +544,9 @@ fn finish_plan(
             crate::attention::use_kv_attention(&mut model, capacity, opts.kv_f16, pool)
                 .context("installing quill's attention")?;
     }
+    if opts.quill_kernels {
+        crate::rope::use_rope(&mut model).context("installing quill's rotary embedding")?;
+    }
     let options = RunOptions {
         executor: (threads > 1).then(|| Executor::multithread(threads)),
         ..RunOptions::default()
