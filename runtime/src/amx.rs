@@ -41,7 +41,11 @@ pub fn available() -> bool {
                 return false;
             }
             // CPUID leaf 7, sub-leaf 0: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-            // (On a CPU without leaf 7 it reads as zeros: no AMX.)
+            // Leaf 7 exists on every CPU with AMX; where it does not, the bits read are
+            // another leaf's, and the permission request below fails anyway.
+            if std::arch::x86_64::__cpuid(0).eax < 7 {
+                return false;
+            }
             let id = std::arch::x86_64::__cpuid_count(7, 0);
             if id.edx & (1 << 24) == 0 || id.edx & (1 << 25) == 0 {
                 return false;

@@ -532,7 +532,9 @@ fn release_constant(model: &mut TypedModel, outlet: OutletId) {
     // rewired its users, so it has none.
     let dead = node.outputs[0].successors.iter().all(|s| {
         let reader = model.node(s.node);
-        reader.op_is::<EinSum>() && reader.outputs.iter().all(|o| o.successors.is_empty())
+        reader.op_is::<EinSum>()
+            && reader.outputs.iter().all(|o| o.successors.is_empty())
+            && !model.outputs.iter().any(|o| o.node == s.node)
     });
     if !dead {
         return;

@@ -173,8 +173,11 @@ impl Model {
         // A second thread checks the files' sizes and CRC-32s and reads the tokenizer while
         // this one loads the graph (36 + 41 ms of a warm load on one core; the boards have
         // four). The load cache is keyed by the manifest's checksums, so it does not wait for
-        // the check; a file that fails it fails the load whatever the graph did.
+        // the check; a file that fails it fails the load whatever the graph did, and a graph
+        // built while the check runs is written to the cache only once the check has passed.
         let tokenizer_path = bundle.path(bundle::TOKENIZER_FILE);
+        let (checked_tx, checked_rx) = std::sync::mpsc::channel::<bool>();
+        let files_ok = || checked_rx.recv().unwrap_or(false);
         let (verified, tokenizer, tokenizer_time, built, cache_use, mut load_phases) =
             std::thread::scope(|s| {
                 let helper = s.spawn(|| {
@@ -189,11 +192,13 @@ impl Model {
                         Ok(())
                     };
                     let verify_time = t.elapsed();
+                    let _ = checked_tx.send(verified.is_ok());
                     let t = Instant::now();
                     let r = Tokenizer::from_file(&tokenizer_path);
                     (verified, verify_time, r, t.elapsed())
                 });
-                let (built, cache_use, load_phases) = self::build(&bundle, opts, &mut check_time);
+                let (built, cache_use, load_phases) =
+                    self::build(&bundle, opts, &mut check_time, &files_ok);
                 let (verified, verify_time, tokenizer, time) = match helper.join() {
                     Ok(r) => r,
                     Err(p) => std::panic::resume_unwind(p),
@@ -248,6 +253,7 @@ fn build(
     bundle: &Bundle,
     opts: &LoadOptions,
     check_time: &mut Duration,
+    files_ok: &dyn Fn() -> bool,
 ) -> (
     Result<Built, BundleError>,
     CacheUse,
@@ -270,7 +276,8 @@ fn build(
             set_mmap_threshold(128 << 10);
         }
         let mut load_phases = vec![("checks", *check_time)];
-        let (built, cache_use) = prepare_cached(bundle, opts, check_time, &mut load_phases);
+        let (built, cache_use) =
+            prepare_cached(bundle, opts, check_time, files_ok, &mut load_phases);
         let built = built.and_then(|typed| {
             contain_panic("building the model", || {
                 finish_plan(typed, m, opts, &mut load_phases)
@@ -339,6 +346,7 @@ fn prepare_cached(
     bundle: &Bundle,
     opts: &LoadOptions,
     check_time: &mut Duration,
+    files_ok: &dyn Fn() -> bool,
     phases: &mut Vec<(&'static str, Duration)>,
 ) -> (Result<TypedModel, BundleError>, CacheUse) {
     let entry = match &opts.cache_dir {
@@ -400,6 +408,11 @@ fn prepare_cached(
     let Ok(model) = &typed else {
         return (typed, CacheUse::Off);
     };
+    // Only a graph built from files that passed their checks goes into the cache (they are
+    // checked on another thread meanwhile; the load fails with the check's error otherwise).
+    if !files_ok() {
+        return (typed, CacheUse::Off);
+    }
     let t = Instant::now();
     let used = match contain_panic("writing the load cache", || e.store(model)).and_then(|r| r) {
         Ok(()) => CacheUse::Stored,

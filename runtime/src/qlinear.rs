@@ -93,8 +93,10 @@ impl QuantizedLinear {
 /// `q (m, k) = round(x · 127/amax)` and `scales (m) = amax/127`, per row, as tract computes them.
 fn quantize_rows(x: &[f32], k: usize, q: &mut [i8], scales: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F (checked just above).
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: the CPU has AVX-512 F and BW (checked just above).
         return unsafe { quantize_rows_avx512(x, k, q, scales) };
     }
     quantize_rows_body(x, k, q, scales)

@@ -323,6 +323,17 @@ fn match_rotation(
     if to.len() != 2 || from[0].to_usize().ok() != Some(a * nb) {
         return Ok(None);
     }
+    // The chain's axes are told apart by their sizes only (the moves and reshapes between the
+    // products are not followed axis by axis): the two factors must differ in size, and no
+    // other axis of the input may have either size (the sequence axis is symbolic in quill's
+    // graphs). Anything ambiguous stays with tract.
+    if a == nb
+        || x_fact.shape[..rank - 1]
+            .iter()
+            .any(|d| d.to_usize().is_ok_and(|d| d == a || d == nb))
+    {
+        return Ok(None);
+    }
     let mut cur = id;
     let mut products = Vec::new();
     let mut steps = 0;

@@ -181,6 +181,29 @@ fn corrupted_weight_bytes() {
         "{err:?}"
     );
     assert_names(&err, WEIGHTS_FILE);
+    // The graph builds from these bytes while the checksums are checked on another thread:
+    // it must not reach the load cache, where a later load of the repaired bundle (same
+    // manifest, same key) would find it.
+    let cache = dir.join("cache");
+    let err = Model::load(
+        &dir,
+        &LoadOptions {
+            cache_dir: Some(cache.clone()),
+            ..Default::default()
+        },
+    )
+    .expect_err("a broken bundle must not load");
+    assert!(
+        matches!(err, BundleError::ChecksumMismatch { .. }),
+        "{err:?}"
+    );
+    let cached: Vec<_> = fs::read_dir(&cache)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        cached.is_empty(),
+        "cache written from a corrupt file: {cached:?}"
+    );
 }
 
 #[test]
