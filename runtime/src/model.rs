@@ -178,30 +178,43 @@ impl Model {
         let tokenizer_path = bundle.path(bundle::TOKENIZER_FILE);
         let (checked_tx, checked_rx) = std::sync::mpsc::channel::<bool>();
         let files_ok = || checked_rx.recv().unwrap_or(false);
+        let helper_work = || {
+            let t = Instant::now();
+            let verified = if opts.verify {
+                bundle
+                    .manifest
+                    .files
+                    .iter()
+                    .try_for_each(|entry| bundle.verify_file(entry))
+            } else {
+                Ok(())
+            };
+            let verify_time = t.elapsed();
+            let _ = checked_tx.send(verified.is_ok());
+            let t = Instant::now();
+            let r = Tokenizer::from_file(&tokenizer_path);
+            (verified, verify_time, r, t.elapsed())
+        };
+        // Off x86-64 the checks and the tokenizer come first, on this thread: creating a thread
+        // hangs under qemu-user's aarch64 emulation, where CI runs the boards' builds (a
+        // two-line scoped spawn never returns there), and the boards' loads are checked only
+        // through it.
+        let parallel = cfg!(target_arch = "x86_64");
         let (verified, tokenizer, tokenizer_time, built, cache_use, mut load_phases) =
             std::thread::scope(|s| {
-                let helper = s.spawn(|| {
-                    let t = Instant::now();
-                    let verified = if opts.verify {
-                        bundle
-                            .manifest
-                            .files
-                            .iter()
-                            .try_for_each(|entry| bundle.verify_file(entry))
-                    } else {
-                        Ok(())
-                    };
-                    let verify_time = t.elapsed();
-                    let _ = checked_tx.send(verified.is_ok());
-                    let t = Instant::now();
-                    let r = Tokenizer::from_file(&tokenizer_path);
-                    (verified, verify_time, r, t.elapsed())
-                });
+                let pending = if parallel {
+                    Err(s.spawn(&helper_work))
+                } else {
+                    Ok(helper_work())
+                };
                 let (built, cache_use, load_phases) =
                     self::build(&bundle, opts, &mut check_time, &files_ok);
-                let (verified, verify_time, tokenizer, time) = match helper.join() {
-                    Ok(r) => r,
-                    Err(p) => std::panic::resume_unwind(p),
+                let (verified, verify_time, tokenizer, time) = match pending {
+                    Ok(done) => done,
+                    Err(helper) => match helper.join() {
+                        Ok(r) => r,
+                        Err(p) => std::panic::resume_unwind(p),
+                    },
                 };
                 check_time += verify_time;
                 let verified = verified.map(|()| verify_time);
