@@ -203,7 +203,7 @@ impl Model {
         let (verified, tokenizer, tokenizer_time, built, cache_use, mut load_phases) =
             std::thread::scope(|s| {
                 let pending = if parallel {
-                    Err(s.spawn(&helper_work))
+                    Err(s.spawn(helper_work))
                 } else {
                     Ok(helper_work())
                 };
