@@ -86,16 +86,6 @@ impl Arena {
         }
     }
 
-    /// Bytes in the arena.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the arena holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The next `len` bytes, for one owner; `None` when the arena has no room left.
     pub fn take(self: &Arc<Self>, len: usize) -> Option<Weights> {
         let start = self

@@ -188,10 +188,7 @@ struct Step<'a> {
 }
 
 /// The output `(heads, s, d)` shared by the threads of a step, each writing its own rows.
-struct OutPtr(*mut f32);
-// SAFETY: only used to hand disjoint rows of one buffer to the parts of one `Pool::run`.
-unsafe impl Sync for OutPtr {}
-unsafe impl Send for OutPtr {}
+type OutPtr = crate::pool::SendPtr<f32>;
 
 impl Step<'_> {
     /// Pairs `items` (item = kv head · s + query row) into `out`.
@@ -418,7 +415,7 @@ impl OpState for KvAttentionState {
             scale: self.op.scale(d),
         };
         let mut out = vec![0f32; heads * s * d];
-        let out_ptr = OutPtr(out.as_mut_ptr());
+        let out_ptr = crate::pool::SendPtr(out.as_mut_ptr());
         let items = kv_heads * s;
         let work = &self.work;
         match &self.op.pool.0 {

@@ -170,7 +170,7 @@ impl Int8Linear {
         #[cfg(target_arch = "x86_64")]
         if vnni_available() {
             let pairs = self.n / 32;
-            let out_ptr = SendPtr(out.as_mut_ptr());
+            let out_ptr = crate::pool::SendPtr(out.as_mut_ptr());
             if let Some(pool) = pool
                 && pool.threads() > 1
                 && pairs >= 2 * pool.threads()
@@ -368,13 +368,6 @@ impl Int8Linear {
         }
     }
 }
-
-/// A raw output pointer shared by the threads of one product, each writing its own columns.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct SendPtr(*mut i32);
-// SAFETY: only used to hand disjoint column ranges of one buffer to scoped threads.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// `d[4·l + r] = row_r[l]`: four rows of 16 bytes, interleaved byte by byte.
 #[inline(always)]

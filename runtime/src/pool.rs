@@ -41,6 +41,13 @@ struct Shared {
 // SAFETY: `job` is written only by the thread holding `Pool::busy` while no helper reads it
 // (pending == 0), and read by helpers only after the Release/Acquire pair on `epoch`.
 unsafe impl Sync for Shared {}
+/// A raw pointer to one output buffer, shared by the parts of one [`Pool::run`] (or of one
+/// scoped thread set), each writing its own disjoint range of it.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand disjoint ranges of one buffer to the parts of one job, which all
+// end before the buffer's borrow does.
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
 
 /// `threads − 1` spinning helpers plus the calling thread.
 pub struct Pool {

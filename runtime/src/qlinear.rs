@@ -385,7 +385,7 @@ fn producer(
 }
 
 /// The one node reading `outlet`, if there is exactly one and `pred` holds for it.
-fn only_successor(
+pub(crate) fn only_successor(
     model: &TypedModel,
     outlet: OutletId,
     pred: impl Fn(&TypedNode) -> bool,

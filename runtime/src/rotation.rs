@@ -21,7 +21,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use crate::pool::Pool;
+use crate::pool::{Pool, SendPtr};
 
 /// Columns per register block: four AVX-512 registers of 16 floats.
 const COLS: usize = 64;
@@ -92,7 +92,7 @@ impl KronRotation {
         match self.pool.as_deref() {
             Some(pool) if pool.threads() > 1 && m > 1 => {
                 let parts = pool.threads().min(m);
-                let y_ptr = RowsPtr(y.as_mut_ptr());
+                let y_ptr = SendPtr(y.as_mut_ptr());
                 let y_ptr = &y_ptr;
                 pool.run(&|i| {
                     if i >= parts {
@@ -166,12 +166,6 @@ impl KronRotation {
         }
     }
 }
-
-/// The output shared by the threads of one rotation, each writing its own rows.
-struct RowsPtr(*mut f32);
-// SAFETY: only used to hand disjoint row ranges of one buffer to the pool's threads.
-unsafe impl Sync for RowsPtr {}
-unsafe impl Send for RowsPtr {}
 
 /// `out (rows, nb) = lhs (rows, depth) · rhs (depth, nb)`, each sum from zero, one fused
 /// multiply-add per term in order of the shared axis.
@@ -380,16 +374,9 @@ fn match_rotation(
     Ok(KronRotation::new(a_t, a, b, nb).map(|op| (id, back, op)))
 }
 
-/// The only node reading `id`'s single output, if exactly one does.
+/// The only node reading `id`'s output, if exactly one does and it is not a model output.
 fn only_user(model: &TypedModel, id: usize) -> Option<usize> {
-    let node = model.node(id);
-    match (
-        node.outputs.len(),
-        node.outputs.first().map(|o| o.successors.as_slice()),
-    ) {
-        (1, Some([s])) => Some(s.node),
-        _ => None,
-    }
+    crate::qlinear::only_successor(model, OutletId::new(id, 0), |_| true).map(|n| n.id)
 }
 
 /// The `(n, n)` f32 constant operand of the float `EinSum` `id` (the other operand being the
