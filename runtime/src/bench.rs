@@ -39,8 +39,8 @@ pub struct BenchOptions {
     pub decode_at: Vec<usize>,
     /// The load cache ([`LoadOptions::cache_dir`]); runs after the first find it warm.
     pub cache_dir: Option<std::path::PathBuf>,
-    /// An f16 KV cache ([`LoadOptions::kv_f16`]).
-    pub kv_f16: bool,
+    /// The KV cache's number format ([`LoadOptions::kv_cache`]).
+    pub kv_cache: crate::attention::KvCacheFormat,
 }
 
 /// Decode steps timed at each `decode_at` position.
@@ -121,6 +121,9 @@ pub struct Profile {
     /// Wall time of one prefill (ms) and of one decode step (ms), profiled.
     pub prefill_ms: f64,
     pub decode_step_ms: f64,
+    /// Decode steps after the longest `decode_at` context the model holds, if any: that
+    /// position, the wall time of a step (ms) and its operators.
+    pub decode_at: Option<(usize, f64, Vec<OpTime>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,8 +151,14 @@ fn op_times(p: &OpProfile) -> Vec<OpTime> {
         .collect()
 }
 
-/// Profiles one prefill of `prompt` (timed per run of all its chunks) and `gen` decode steps.
-fn profile(model: &Model, prompt: &[u32], steps: usize) -> anyhow::Result<Profile> {
+/// Profiles one prefill of `prompt` (timed per run of all its chunks) and `gen` decode steps,
+/// then (with `at`) [`DECODE_AT_STEPS`] decode steps after `at` tokens of context.
+fn profile(
+    model: &Model,
+    prompt: &[u32],
+    steps: usize,
+    at: Option<usize>,
+) -> anyhow::Result<Profile> {
     let mut s = model.session()?;
     let mut pre = OpProfile::default();
     s.forward_profiled(prompt, &mut pre)?;
@@ -158,11 +167,26 @@ fn profile(model: &Model, prompt: &[u32], steps: usize) -> anyhow::Result<Profil
     for i in 0..steps {
         s.forward_profiled(&prompt[i % prompt.len()..][..1], &mut dec)?;
     }
+    let decode_at = match at {
+        Some(position) => {
+            let context: Vec<u32> = prompt.iter().copied().cycle().take(position).collect();
+            let mut s = model.session()?;
+            s.forward_last(&context)?;
+            let mut p = OpProfile::default();
+            for i in 0..DECODE_AT_STEPS {
+                s.forward_profiled(&prompt[i % prompt.len()..][..1], &mut p)?;
+            }
+            let ms = p.total.as_secs_f64() * 1e3 / DECODE_AT_STEPS as f64;
+            Some((position, ms, op_times(&p)))
+        }
+        None => None,
+    };
     Ok(Profile {
         prefill_ms: pre.total.as_secs_f64() * 1e3,
         decode_step_ms: dec.total.as_secs_f64() * 1e3 / steps as f64,
         prefill: op_times(&pre),
         decode: op_times(&dec),
+        decode_at,
     })
 }
 
@@ -351,7 +375,7 @@ fn one_run(dir: &Path, opts: &BenchOptions, last: bool, acc: &mut Runs) -> anyho
             return_memory: true,
             context: None,
             cache_dir: opts.cache_dir.clone(),
-            kv_f16: opts.kv_f16,
+            kv_cache: opts.kv_cache,
             all_logits: false,
         },
     )?;
@@ -411,7 +435,13 @@ fn one_run(dir: &Path, opts: &BenchOptions, last: bool, acc: &mut Runs) -> anyho
         }
     }
     if opts.profile && last {
-        acc.prof = Some(profile(&model, &prompt, opts.gen_tokens)?);
+        let at = opts
+            .decode_at
+            .iter()
+            .copied()
+            .filter(|&p| p > 0 && p + DECODE_AT_STEPS <= model.context)
+            .max();
+        acc.prof = Some(profile(&model, &prompt, opts.gen_tokens, at)?);
     }
     Ok(())
 }
@@ -519,10 +549,17 @@ impl std::fmt::Display for BenchReport {
             None => writeln!(f, "  peak RSS               unavailable on this system")?,
         }
         if let Some(p) = &self.profile {
+            let at = p
+                .decode_at
+                .as_ref()
+                .map(|(pos, ms, ops)| (format!("decode step at {pos}"), *ms, ops));
             for (what, ms, ops) in [
-                ("prefill", p.prefill_ms, &p.prefill),
-                ("decode step", p.decode_step_ms, &p.decode),
-            ] {
+                ("prefill".to_string(), p.prefill_ms, &p.prefill),
+                ("decode step".to_string(), p.decode_step_ms, &p.decode),
+            ]
+            .into_iter()
+            .chain(at)
+            {
                 writeln!(f, "  profile: one {what}, {ms:.2} ms")?;
                 for o in ops.iter().take(12) {
                     writeln!(

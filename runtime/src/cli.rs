@@ -235,12 +235,7 @@ pub struct ModelArgs {
     pub kv_cache: KvCacheFormat,
 }
 
-/// `--kv-cache`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvCacheFormat {
-    F32,
-    F16,
-}
+pub use crate::attention::KvCacheFormat;
 
 /// What `ModelArgs` resolve to once the board is read and the bundle's needs checked.
 #[derive(Debug)]
@@ -329,7 +324,7 @@ impl ModelArgs {
                 } else {
                     crate::cache::default_dir()
                 },
-                kv_f16: self.kv_cache == KvCacheFormat::F16,
+                kv_cache: self.kv_cache,
                 // Generation reads the last position's logits only; `eval` asks for all.
                 all_logits: false,
             },
@@ -757,7 +752,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         quill_kernels: !a.model.tract_kernels,
         decode_at: a.decode_at.clone(),
         cache_dir: resolved.options.cache_dir.clone(),
-        kv_f16: resolved.options.kv_f16,
+        kv_cache: resolved.options.kv_cache,
     };
     let Some(other) = a.compare_threads else {
         let report = crate::bench::run(&resolved.dir, &opts)?;

@@ -90,9 +90,10 @@ pub struct LoadOptions {
     /// Keep tract's prepared graph in this directory and start from it next time
     /// ([`crate::cache`]); used only with `verify`, whose checksums key the entries.
     pub cache_dir: Option<std::path::PathBuf>,
-    /// Keep the KV cache in f16 instead of f32 (quill's attention only): half the memory and
-    /// the bytes a decode step reads from it; perplexity measured in `BENCHMARKS.md`.
-    pub kv_f16: bool,
+    /// The KV cache's number format (quill's attention only): f16 halves the memory and the
+    /// bytes a decode step reads from it, int8 quarters them; perplexity measured in
+    /// `BENCHMARKS.md`.
+    pub kv_cache: crate::attention::KvCacheFormat,
     /// Compute the logits of every position of a chunk (what `quill eval` scores). `false`
     /// computes only the last position's, all that generation reads: the final norm and the
     /// vocabulary-wide head run on one row instead of up to [`PREFILL_CHUNK`] (on the teacher,
@@ -110,7 +111,7 @@ impl Default for LoadOptions {
             return_memory: true,
             context: None,
             cache_dir: None,
-            kv_f16: false,
+            kv_cache: crate::attention::KvCacheFormat::F32,
             all_logits: true,
         }
     }
@@ -567,7 +568,7 @@ fn finish_plan(
             .context
             .map_or(m.context_length, |c| c.min(m.context_length));
         quill_attention_ops =
-            crate::attention::use_kv_attention(&mut model, capacity, opts.kv_f16, pool)
+            crate::attention::use_kv_attention(&mut model, capacity, opts.kv_cache, pool)
                 .context("installing quill's attention")?;
     }
     if opts.quill_kernels {

@@ -217,32 +217,51 @@ fn tracts_attention_and_quills_agree() {
 /// prompt across cache blocks, final logits within a small margin.
 #[test]
 fn an_f16_kv_cache_stays_close_to_f32() {
+    close_to_f32(quill::cli::KvCacheFormat::F16, 2e-3);
+}
+
+/// So does an int8 one (`--kv-cache int8`: keys and values as int8 codes with a scale per
+/// vector, queries quantized for integer `Q·Kᵀ`), within a wider margin.
+#[test]
+fn an_int8_kv_cache_stays_close_to_f32() {
+    close_to_f32(quill::cli::KvCacheFormat::Int8, 2e-2);
+}
+
+/// Greedy tokens and final logits with the cache in `format` against f32, logits within
+/// `margin` of their range.
+fn close_to_f32(format: quill::cli::KvCacheFormat, margin: f32) {
     let m = model();
-    let half = quill::Model::load(
+    let other = quill::Model::load(
         &m.bundle.dir,
         &quill::LoadOptions {
-            kv_f16: true,
+            kv_cache: format,
             ..quill::LoadOptions::default()
         },
     )
     .unwrap();
+    let tag = format!("cache={}", format.name());
     assert!(
-        half.typed_model()
+        other
+            .typed_model()
             .nodes()
             .iter()
             .filter(|n| n.op.name() == "QuillKvAttention")
-            .all(|n| n.op.info().unwrap().join(" ").contains("cache=f16"))
+            .all(|n| n.op.info().unwrap().join(" ").contains(&tag))
     );
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(15);
     let ids = m.tokenizer.encode(&text, false);
-    let last = [greedy(m, &ids, 20), greedy(&half, &ids, 20)];
+    let last = [greedy(m, &ids, 20), greedy(&other, &ids, 20)];
     assert_eq!(last[0].0, last[1].0, "greedy tokens");
     let worst = crate::support::max_abs_diff(&last[0].1, &last[1].1);
     let range = last[0].1.iter().fold(0f32, |a, x| a.max(x.abs()));
     eprintln!(
-        "f16 vs f32 KV cache: final logits differ by up to {worst:.2e} (|logit| ≤ {range:.1})"
+        "{} vs f32 KV cache: final logits differ by up to {worst:.2e} (|logit| ≤ {range:.1})",
+        format.name()
     );
-    assert!(worst < 2e-3 * range, "final logits differ by up to {worst}");
+    assert!(
+        worst < margin * range,
+        "final logits differ by up to {worst} (|logit| ≤ {range})"
+    );
 }
 
 /// `prompt`, then `n` greedy steps: the tokens chosen and the last step's logits.

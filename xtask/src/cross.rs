@@ -259,10 +259,16 @@ pub fn emulate(board: &Board, bits32: bool, args: &[String]) -> Result<ExitStatu
 }
 
 /// Greedy generation's token ids, from `quill generate --json`.
-fn greedy_tokens(mut cmd: Command, model: &Path, prompt: &str, tokens: usize) -> Result<Vec<u64>> {
+fn greedy_tokens(
+    mut cmd: Command,
+    model: &Path,
+    (prompt, extra): (&str, &[&str]),
+    tokens: usize,
+) -> Result<Vec<u64>> {
     let out = cmd
         .args(["generate", "--json", "--temperature", "0", "--max-tokens"])
         .arg(tokens.to_string())
+        .args(extra)
         .arg("--model")
         .arg(model)
         .arg(prompt)
@@ -310,10 +316,15 @@ pub fn small_bundle() -> Result<PathBuf> {
 
 /// Builds for aarch64 and armv7 and checks that greedy generation under qemu gives the x86
 /// tokens: on a CPU without dotprod (Pi 4's Cortex-A72), with it (Pi 5's Cortex-A76), and
-/// 32-bit (Cortex-A15).
+/// 32-bit (Cortex-A15); the last prompt also with an int8 KV cache (whose portable integer
+/// `Q·Kᵀ` the boards run where x86 uses VNNI).
 pub fn cross_check(tokens: usize) -> Result<()> {
     let model = small_bundle()?;
-    let prompts = ["The capital of France is", "Once upon a time"];
+    let prompts: [(&str, &[&str]); 3] = [
+        ("The capital of France is", &[]),
+        ("Once upon a time", &[]),
+        ("Once upon a time", &["--kv-cache", "int8"]),
+    ];
     let root = workspace();
     // The x86-64 reference: `$QUILL_HOST_BIN` when the caller has just built it (CI passes the
     // binary `cargo test --release --workspace` made; building it again with this crate's

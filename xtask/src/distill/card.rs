@@ -102,7 +102,7 @@ fn bench(dir: &Path, m: &Measure) -> Result<BenchReport> {
             quill_kernels: true,
             decode_at: Vec::new(),
             cache_dir: None,
-            kv_f16: false,
+            kv_cache: quill::cli::KvCacheFormat::F32,
         },
     )
 }
