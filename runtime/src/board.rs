@@ -170,8 +170,17 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// For a bundle at a context of `context` tokens.
+    /// For a bundle at a context of `context` tokens, with an f32 KV cache.
     pub fn of(m: &Manifest, context: usize) -> MemoryEstimate {
+        Self::with_cache(m, context, crate::attention::KvCacheFormat::F32)
+    }
+
+    /// For a bundle at a context of `context` tokens, with a KV cache in `format`.
+    pub fn with_cache(
+        m: &Manifest,
+        context: usize,
+        format: crate::attention::KvCacheFormat,
+    ) -> MemoryEstimate {
         let weights: u64 = m
             .files
             .iter()
@@ -179,8 +188,15 @@ impl MemoryEstimate {
             .map(|f| f.bytes)
             .sum();
         let c = &m.config;
-        // Keys and values, float32, every layer: (layer, 2, kv_heads, context, head_dim).
-        let kv_cache = (c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4) as u64 * context as u64;
+        // Keys and values, every layer: (layer, 2, kv_heads, context, head_dim), plus int8's
+        // f32 scale per vector.
+        let per_vector = c.head_dim * format.bytes_per_value()
+            + if format == crate::attention::KvCacheFormat::Int8 {
+                4
+            } else {
+                0
+            };
+        let kv_cache = (c.n_layers * 2 * c.n_kv_heads * per_vector) as u64 * context as u64;
         let working = BASE_BYTES + weights * WEIGHT_SCRATCH_PERCENT / 100;
         MemoryEstimate {
             weights,

@@ -230,7 +230,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// Number format of the KV cache: f16 halves its memory and what a decode step reads from
-    /// it (faster in long conversations), at a small cost in accuracy
+    /// it, int8 quarters them (faster in long conversations, and a longer context in the same
+    /// memory), each at a small cost in accuracy (perplexity in BENCHMARKS.md)
     #[arg(long, value_enum, default_value_t = KvCacheFormat::F32)]
     pub kv_cache: KvCacheFormat,
 }
@@ -285,15 +286,21 @@ impl ModelArgs {
             .or(board.as_ref().map(|b| b.context))
             .unwrap_or(manifest.context_length)
             .min(manifest.context_length);
-        let estimate = MemoryEstimate::of(&manifest, context);
+        let estimate = MemoryEstimate::with_cache(&manifest, context, self.kv_cache);
         if let Some(b) = &board
             && estimate.total() > b.budget_bytes()
         {
             // The longest context that would fit, if any.
-            let per_token = MemoryEstimate::of(&manifest, 1).kv_cache.max(1);
+            let per_token = MemoryEstimate::with_cache(&manifest, 1, self.kv_cache)
+                .kv_cache
+                .max(1);
             let fixed = estimate.weights + estimate.working;
             let fits = b.budget_bytes().saturating_sub(fixed) / per_token;
-            let advice = if fits >= 256 {
+            let int8 = MemoryEstimate::with_cache(&manifest, context, KvCacheFormat::Int8);
+            let advice = if self.kv_cache != KvCacheFormat::Int8 && int8.total() <= b.budget_bytes()
+            {
+                "run with --kv-cache int8 (a quarter of the KV cache's memory), or ".to_string()
+            } else if fits >= 256 {
                 format!("run with --context {fits} or less, or ")
             } else {
                 String::new()
@@ -703,7 +710,7 @@ fn info(a: InfoArgs) -> Result<()> {
         .or(board.as_ref().map(|b| b.context))
         .unwrap_or(m.context_length)
         .min(m.context_length);
-    let estimate = MemoryEstimate::of(m, context);
+    let estimate = MemoryEstimate::with_cache(m, context, a.model.kv_cache);
     println!("memory        about {estimate}");
     if let Some(b) = board {
         let threads = a.model.threads.unwrap_or(b.threads);

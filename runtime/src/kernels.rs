@@ -86,35 +86,81 @@ impl Int8Linear {
         Some(Self::pack(w, k, n, arena.take(k * n)?))
     }
 
+    /// [`Self::new_in`], giving `w`'s pages back as they are packed when `release` is true.
+    ///
+    /// # Safety
+    /// With `release`, nothing reads `w` after this call.
+    unsafe fn new_in_releasing(
+        w: &[i8],
+        k: usize,
+        n: usize,
+        arena: &Arc<Arena>,
+        release: bool,
+    ) -> Option<Int8Linear> {
+        if !Self::fits(w, k, n) {
+            return None;
+        }
+        // SAFETY: the caller's.
+        Some(unsafe { Self::pack_releasing(w, k, n, arena.take(k * n)?, release) })
+    }
+
     fn fits(w: &[i8], k: usize, n: usize) -> bool {
         k > 0 && n > 0 && k.is_multiple_of(4) && n.is_multiple_of(32) && w.len() == k * n
     }
 
-    fn pack(w: &[i8], k: usize, n: usize, mut weights: Weights) -> Int8Linear {
+    fn pack(w: &[i8], k: usize, n: usize, weights: Weights) -> Int8Linear {
+        // SAFETY: `release` is false.
+        unsafe { Self::pack_releasing(w, k, n, weights, false) }
+    }
+
+    /// [`Self::pack`], giving `w`'s pages back to the system as they are consumed when
+    /// `release` is true.
+    ///
+    /// # Safety
+    /// With `release`, nothing reads `w` after this call (its pages read as zeros).
+    unsafe fn pack_releasing(
+        w: &[i8],
+        k: usize,
+        n: usize,
+        mut weights: Weights,
+        release: bool,
+    ) -> Int8Linear {
         // Packed layout: for each block of 16 output channels and each group of 4 inputs, the
         // 16 × 4 bytes a VNNI `vpdpbusd` consumes, lane-major: index
         // ((block · k/4 + group) · 16 + lane) · 4 + kk.
         // Written in order, block by block (a block reads 16 bytes of each of the k rows:
-        // k cache lines, reused by the next three blocks). A load of the teacher packs 135 MB
-        // here.
+        // k cache lines, reused by the next three blocks), in chunks of columns two pages
+        // wide: once a chunk is packed, the source pages it covered in every row can be given
+        // back, so a load holds little more than one copy of even the 28 MB head (its rows
+        // are 12 pages long). A load of the teacher packs 135 MB here.
+        const CHUNK_COLUMNS: usize = 8192;
         let packed = weights.as_mut_slice();
-        let dst_blocks = packed.as_chunks_mut::<64>().0.chunks_exact_mut(k / 4);
-        for (block, dst) in dst_blocks.enumerate() {
-            let j0 = block * 16;
-            for (group, d) in dst.iter_mut().enumerate() {
-                let row = |r: usize| -> &[i8; 16] {
-                    (&w[(4 * group + r) * n + j0..][..16])
-                        .try_into()
-                        .expect("16 bytes")
-                };
-                interleave4(row(0), row(1), row(2), row(3), d);
-            }
-        }
+        let mut blocks = packed.as_chunks_mut::<64>().0.chunks_exact_mut(k / 4);
         // 128 · Σ_k w[k][j]: the VNNI kernel adds 128 to the activations to make them unsigned.
         let mut offset = vec![0i32; n];
-        for row in w.chunks_exact(n) {
-            for (o, &v) in offset.iter_mut().zip(row) {
-                *o += v as i32;
+        // Per row: the bytes given back so far.
+        let mut given = vec![0usize; if release { k } else { 0 }];
+        for c0 in (0..n).step_by(CHUNK_COLUMNS) {
+            let c1 = (c0 + CHUNK_COLUMNS).min(n);
+            for (j0, dst) in (c0..c1).step_by(16).zip(blocks.by_ref()) {
+                for (group, d) in dst.iter_mut().enumerate() {
+                    let row = |r: usize| -> &[i8; 16] {
+                        (&w[(4 * group + r) * n + j0..][..16])
+                            .try_into()
+                            .expect("16 bytes")
+                    };
+                    interleave4(row(0), row(1), row(2), row(3), d);
+                }
+            }
+            for (r, row) in w.chunks_exact(n).enumerate() {
+                for (o, &v) in offset[c0..c1].iter_mut().zip(&row[c0..c1]) {
+                    *o += v as i32;
+                }
+                if release {
+                    // SAFETY: columns up to c1 of this row are read for the last time; the
+                    // caller does not read `w` after this call.
+                    given[r] = unsafe { give_back(row, c1, given[r]) };
+                }
             }
         }
         offset.iter_mut().for_each(|o| *o *= 128);
@@ -472,15 +518,25 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     let mut replaced = 0;
     let mut found = found.into_iter();
     loop {
-        let batch: Vec<(usize, Arc<Tensor>)> = found.by_ref().take(2).collect();
+        let batch: Vec<(usize, Arc<Tensor>, bool)> = found
+            .by_ref()
+            .take(2)
+            .map(|(id, w)| {
+                let release = only_reader(model, id, &w);
+                (id, w, release)
+            })
+            .collect();
         if batch.is_empty() {
             break;
         }
-        let pack = |(id, w): &(usize, Arc<Tensor>)| -> TractResult<(usize, Int8Linear)> {
+        let pack = |(id, w, release): &(usize, Arc<Tensor>, bool)| {
             let (k, n) = (w.shape()[0], w.shape()[1]);
-            let op = Int8Linear::new_in(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n, &arena)
+            let data = w.try_as_plain_ram()?.as_slice::<i8>()?;
+            // SAFETY: with `release`, node `id` is the tensor's only reader (`only_reader`),
+            // and it is replaced by the packed copy below, before anything runs.
+            let op = unsafe { Int8Linear::new_in_releasing(data, k, n, &arena, *release) }
                 .context("replaceable_weight checked the shape; the arena holds them all")?;
-            Ok((*id, op))
+            TractResult::Ok((*id, op))
         };
         let (first, second) = batch.split_at(batch.len() / 2);
         let packed: Vec<(usize, Int8Linear)> = std::thread::scope(|s| {
@@ -510,6 +566,52 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     }
     model.compact()?;
     Ok(replaced)
+}
+
+/// Whether node `id` (an `EinSum` about to be replaced) is the only reader of its weight `w`:
+/// a `Const` read by nothing else and no model output, and no other holder of the tensor than
+/// the `found` list, the `Const` and its fact (so its pages can be given back while packing).
+fn only_reader(model: &TypedModel, id: usize, w: &Arc<Tensor>) -> bool {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let outlet = model.node(id).inputs[1];
+    let node = model.node(outlet.node);
+    node.op_is::<Const>()
+        && node.outputs.len() == 1
+        && node.outputs[0].successors.iter().all(|s| s.node == id)
+        && !model
+            .outputs
+            .iter()
+            .any(|o| o.node == outlet.node || o.node == id)
+        && Arc::strong_count(w) <= 3
+}
+
+/// Gives the whole pages of `w[given..upto]` back to the system (`MADV_DONTNEED`; Linux), and
+/// returns the byte up to which `w` is now given back.
+///
+/// # Safety
+/// Nothing reads `w[..upto]` afterwards: those pages read as zeros from now on. (The bytes
+/// belong to a live allocation, which the allocator later frees as usual: freeing writes at
+/// most its header, which a given-back page takes as a fresh zero page.)
+#[cfg(target_os = "linux")]
+unsafe fn give_back(w: &[i8], upto: usize, given: usize) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let base = w.as_ptr() as usize;
+    let start = (base + given).next_multiple_of(page);
+    let end = (base + upto.min(w.len())) / page * page;
+    if end <= start {
+        return given;
+    }
+    // SAFETY: [start, end) is whole pages inside `w`, which the caller no longer reads.
+    if unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) } != 0 {
+        return given;
+    }
+    end - base
+}
+
+#[cfg(not(target_os = "linux"))]
+unsafe fn give_back(_w: &[i8], _upto: usize, given: usize) -> usize {
+    given
 }
 
 /// Drops the constant tensor behind `outlet` if nothing but replaced nodes reads it: its
@@ -654,5 +756,37 @@ mod tests {
             Int8Linear::new(&w, 72, 48).is_none(),
             "n not a multiple of 32"
         );
+    }
+
+    /// Packing that gives the source's pages back as it goes packs the same bytes and sums,
+    /// and (on Linux) really gives them back: rows several pages long, chunked over columns.
+    #[test]
+    fn packing_while_giving_the_source_back_packs_the_same() {
+        let (k, n) = (40, 20_480); // rows of 5 pages, in chunks of 2 + 2 + 1
+        let mut s = 99u32;
+        let w: Vec<i8> = (0..k * n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as i8) | 1 // never 0, so a given-back page shows
+            })
+            .collect();
+        let kept = Int8Linear::new(&w, k, n).unwrap();
+        let source = w.clone();
+        // SAFETY: `source` is not read as weights after this call (only inspected below).
+        let given = unsafe {
+            Int8Linear::pack_releasing(&source, k, n, Weights::alone(k * n).unwrap(), true)
+        };
+        assert!(given.packed[..] == kept.packed[..], "packed bytes");
+        assert_eq!(given.offset, kept.offset, "column sums");
+        if cfg!(target_os = "linux") {
+            let zeros = source.iter().filter(|&&b| b == 0).count();
+            assert!(
+                zeros > k * n / 2,
+                "{zeros} of {} source bytes given back",
+                k * n
+            );
+        }
     }
 }

@@ -540,6 +540,9 @@ fn finish_plan(
     // prefill on 2 threads).
     let pool = (threads > 1).then(|| Arc::new(crate::pool::Pool::new(threads)));
     let quill_kernel_ops = if opts.quill_kernels {
+        if opts.return_memory {
+            trim_heap();
+        }
         let n = crate::kernels::use_int8_kernels(&mut model, pool.clone())
             .context("installing quill's int8 kernel")?;
         lap("int8 packing");
