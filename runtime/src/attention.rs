@@ -1065,16 +1065,19 @@ fn attend_q8_impl<const FUSED: bool>(
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
         let blk = &k[start / KV_BLOCK];
-        if let Some(next) = k
-            .get(start / KV_BLOCK + 1)
-            .filter(|_| next_rows(n, start) > 0)
-        {
-            prefetch_bytes(&next.codes[run..][..next_rows(n, start).next_multiple_of(16) * d]);
-        } else {
-            v.prefetch(0, run, n.min(KV_BLOCK) * d);
-        }
+        // The next block's keys (after the last, the first values) are asked for line by
+        // line as this block's are computed (all at once, the misses queued up and stalled).
+        let next: &[i8] = match k.get(start / KV_BLOCK + 1) {
+            Some(next) if next_rows(n, start) > 0 => {
+                &next.codes[run..][..next_rows(n, start).next_multiple_of(16) * d]
+            }
+            _ => match v {
+                Blocks::Values8(v) => &v[0].codes[run..][..n.min(KV_BLOCK) * d],
+                _ => &[],
+            },
+        };
         let codes = &blk.codes[run..][..KV_BLOCK * d];
-        block_dots(codes, rows, &q8.codes, d, &mut q8.dots, vnni);
+        block_dots(codes, rows, &q8.codes, d, &mut q8.dots, vnni, next);
         let ks = &blk.scales[at.head * KV_BLOCK..][..rows];
         for t in 0..group {
             let f = q8.factor[t];
@@ -1086,7 +1089,14 @@ fn attend_q8_impl<const FUSED: bool>(
     }
     softmax(scores, n, at.mask);
     match v {
-        Blocks::Values8(v) => weigh_values_q8::<FUSED>(scores, v, at, os, vnni),
+        Blocks::Values8(v) => {
+            // After the last values, the next kv head's first keys (the next pair of a step).
+            let then = k[0]
+                .codes
+                .get(run + KV_BLOCK * d..run + 2 * KV_BLOCK * d)
+                .unwrap_or(&[]);
+            weigh_values_q8::<FUSED>(scores, v, at, os, vnni, then)
+        }
         _ => weigh_values::<FUSED>(scores, v, at, scratch, os),
     }
 }
@@ -1101,9 +1111,10 @@ fn weigh_values_q8<const FUSED: bool>(
     at: Cache<'_>,
     os: &mut [f32],
     avx512: bool,
+    then: &[i8],
 ) {
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = avx512;
+    let _ = (avx512, then);
     let (d, n) = (at.head_dim, at.visible);
     let run = at.head * KV_BLOCK * d;
     for o in os.iter_mut() {
@@ -1112,15 +1123,18 @@ fn weigh_values_q8<const FUSED: bool>(
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
         let blk = &v[start / KV_BLOCK];
-        if let Some(next) = v.get(start / KV_BLOCK + 1) {
-            prefetch_bytes(&next.codes[run..][..next_rows(n, start) * d]);
-        }
         let codes = &blk.codes[run..][..rows * d];
         let scales = &blk.scales[at.head * KV_BLOCK..][..rows];
         #[cfg(target_arch = "x86_64")]
         if avx512 && FUSED && d == 64 {
+            let next: &[i8] = match v.get(start / KV_BLOCK + 1) {
+                Some(next) if next_rows(n, start) > 0 => {
+                    &next.codes[run..][..next_rows(n, start) * d]
+                }
+                _ => then,
+            };
             // SAFETY: `avx512` only where the CPU has AVX-512 F; the callee checks the shapes.
-            unsafe { weigh_block_avx512(ps, n, start, codes, scales, os) };
+            unsafe { weigh_block_avx512(ps, n, start, codes, scales, os, next) };
             continue;
         }
         for (t, o) in os.chunks_exact_mut(d).enumerate() {
@@ -1146,17 +1160,19 @@ fn weigh_block_avx512(
     codes: &[i8],
     scales: &[f32],
     os: &mut [f32],
+    next: &[i8],
 ) {
     let group = os.len() / 64;
     let mut t0 = 0;
     while t0 < group {
         let g = (group - t0).min(4);
         let os = &mut os[t0 * 64..][..g * 64];
+        let next = if t0 == 0 { next } else { &[] };
         match g {
-            1 => weigh_chunk::<1>(ps, n, start, t0, codes, scales, os),
-            2 => weigh_chunk::<2>(ps, n, start, t0, codes, scales, os),
-            3 => weigh_chunk::<3>(ps, n, start, t0, codes, scales, os),
-            _ => weigh_chunk::<4>(ps, n, start, t0, codes, scales, os),
+            1 => weigh_chunk::<1>(ps, n, start, t0, codes, scales, os, next),
+            2 => weigh_chunk::<2>(ps, n, start, t0, codes, scales, os, next),
+            3 => weigh_chunk::<3>(ps, n, start, t0, codes, scales, os, next),
+            _ => weigh_chunk::<4>(ps, n, start, t0, codes, scales, os, next),
         }
         t0 += g;
     }
@@ -1164,6 +1180,7 @@ fn weigh_block_avx512(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 fn weigh_chunk<const G: usize>(
     ps: &[f32],
     n: usize,
@@ -1172,6 +1189,7 @@ fn weigh_chunk<const G: usize>(
     codes: &[i8],
     scales: &[f32],
     os: &mut [f32],
+    next: &[i8],
 ) {
     use std::arch::x86_64::*;
     let rows = scales.len();
@@ -1192,6 +1210,10 @@ fn weigh_chunk<const G: usize>(
         }
     }
     for (j, c) in codes.chunks_exact(64).enumerate() {
+        // One line of the next block per line consumed.
+        if let Some(line) = next.get(j * 64) {
+            prefetch_line(line);
+        }
         let mut x = [_mm512_setzero_ps(); 4];
         for (q, x) in x.iter_mut().enumerate() {
             // SAFETY: 16 of the 64 codes of position j.
@@ -1216,14 +1238,23 @@ fn weigh_chunk<const G: usize>(
 /// Integer dot products of the query rows `q (group, d)` with the first `rows` keys of one
 /// head's block `codes` (packed, [`key_index`]) into `dots (group, KV_BLOCK)`; exact.
 #[inline(always)]
-fn block_dots(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i32], vnni: bool) {
+#[allow(clippy::too_many_arguments)]
+fn block_dots(
+    codes: &[i8],
+    rows: usize,
+    q: &[i8],
+    d: usize,
+    dots: &mut [i32],
+    vnni: bool,
+    next: &[i8],
+) {
     #[cfg(target_arch = "x86_64")]
     if vnni && d <= 256 {
         // SAFETY: `vnni` only where the CPU has AVX-512 F, BW and VNNI.
-        return unsafe { block_dots_vnni(codes, rows, q, d, dots) };
+        return unsafe { block_dots_vnni(codes, rows, q, d, dots, next) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = vnni;
+    let _ = (vnni, next);
     for (t, qt) in q.chunks_exact(d).enumerate() {
         let out = &mut dots[t * KV_BLOCK..][..KV_BLOCK];
         for g in 0..rows.div_ceil(16) {
@@ -1246,7 +1277,7 @@ fn block_dots(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i32], v
 /// and `128 · Σ q` comes off the sums.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn block_dots_vnni(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i32]) {
+fn block_dots_vnni(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i32], next: &[i8]) {
     let group = q.len() / d;
     let mut t0 = 0;
     while t0 < group {
@@ -1255,11 +1286,12 @@ fn block_dots_vnni(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i3
             &q[t0 * d..][..g * d],
             &mut dots[t0 * KV_BLOCK..][..g * KV_BLOCK],
         );
+        let next = if t0 == 0 { next } else { &[] };
         match g {
-            1 => dots_chunk::<1>(codes, rows, q, d, dots),
-            2 => dots_chunk::<2>(codes, rows, q, d, dots),
-            3 => dots_chunk::<3>(codes, rows, q, d, dots),
-            _ => dots_chunk::<4>(codes, rows, q, d, dots),
+            1 => dots_chunk::<1>(codes, rows, q, d, dots, next),
+            2 => dots_chunk::<2>(codes, rows, q, d, dots, next),
+            3 => dots_chunk::<3>(codes, rows, q, d, dots, next),
+            _ => dots_chunk::<4>(codes, rows, q, d, dots, next),
         }
         t0 += g;
     }
@@ -1268,7 +1300,14 @@ fn block_dots_vnni(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i3
 /// [`block_dots_vnni`] for `G` query rows: each 64-byte run of keys loaded once for all.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn dots_chunk<const G: usize>(codes: &[i8], rows: usize, q: &[i8], d: usize, dots: &mut [i32]) {
+fn dots_chunk<const G: usize>(
+    codes: &[i8],
+    rows: usize,
+    q: &[i8],
+    d: usize,
+    dots: &mut [i32],
+    next: &[i8],
+) {
     use std::arch::x86_64::*;
     assert!(d.is_multiple_of(4) && d <= 256 && codes.len() >= rows.div_ceil(16) * 16 * d);
     assert!(q.len() == G * d && dots.len() == G * KV_BLOCK);
@@ -1290,6 +1329,10 @@ fn dots_chunk<const G: usize>(codes: &[i8], rows: usize, q: &[i8], d: usize, dot
         // throughput, bounded one chain; integer sums are exact in any order.
         let mut acc = [[_mm512_setzero_si512(); 2]; G];
         for (i, k4) in part.chunks_exact(64).enumerate() {
+            // One line of what comes next per line consumed.
+            if let Some(line) = next.get((g * d / 4 + i) * 64) {
+                prefetch_line(line);
+            }
             // SAFETY: `k4` is 64 bytes (unaligned load).
             let kv = _mm512_xor_si512(unsafe { _mm512_loadu_si512(k4.as_ptr().cast()) }, flip);
             for t in 0..G {
@@ -1308,18 +1351,12 @@ fn dots_chunk<const G: usize>(codes: &[i8], rows: usize, q: &[i8], d: usize, dot
     }
 }
 
-/// Asks for `bytes` in the L2 cache (x86-64; elsewhere nothing).
+/// Asks for the cache line holding `byte` in the L2 cache (x86-64).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_bytes(bytes: &[i8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: a prefetch of an address inside the slice; SSE is baseline.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr())
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+fn prefetch_line(byte: &i8) {
+    // SAFETY: a prefetch of a valid address; SSE is baseline.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(byte) };
 }
 
 /// `eˣ` for `x ≤ 0` (softmax arguments after subtracting the maximum), within 2 ulp of
