@@ -2,7 +2,8 @@
 //!
 //! Each run loads and optimizes the bundle afresh, prefills a prompt of exactly
 //! `prompt_tokens` tokens and greedily decodes `gen_tokens` more (end-of-sequence tokens are
-//! ignored so every run does the same work). Peak RSS is the process's high-water mark.
+//! ignored so every run does the same work). Peak RSS is each run's high-water mark (median
+//! and highest).
 //!
 //! Decode speed is also measured after `decode_at` tokens of context (the KV cache's cost), and
 //! set against this machine's memory bandwidth, measured in the same run: a STREAM-style triad
@@ -101,8 +102,9 @@ pub struct BenchReport {
     pub decode_limit_tokens_per_s: f64,
     /// Median decode ÷ the limit.
     pub decode_fraction_of_limit: f64,
-    /// Peak resident memory over this configuration's runs, in MB (see [`run_side_by_side`]).
-    pub peak_rss_mb: Option<f64>,
+    /// Peak resident memory over this configuration's runs, in MB: the median run's and the
+    /// highest (see [`run_side_by_side`]).
+    pub peak_rss_mb: Option<Summary>,
     /// With `--profile`: where the time goes, per operator kind.
     pub profile: Option<Profile>,
 }
@@ -306,9 +308,9 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
 
 /// Several configurations (for instance 1 and 2 threads) measured side by side: run `r` of
 /// every configuration happens before run `r + 1` of any, so a slow spell of a shared machine
-/// falls on all of them alike. Peak RSS is each configuration's own: before each run the heap's
-/// free pages go back to the system and the kernel's high-water mark is reset
-/// (`/proc/self/clear_refs`); where that reset is refused, it is the process's over every run.
+/// falls on all of them alike. Peak RSS is each run's own: before each run the heap's free pages
+/// go back to the system and the kernel's high-water mark is reset (`/proc/self/clear_refs`);
+/// where that reset is refused, it is the process's over every run.
 pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<Vec<BenchReport>> {
     anyhow::ensure!(!configs.is_empty(), "nothing to measure");
     let runs = configs[0].runs;
@@ -320,14 +322,12 @@ pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<
             let reset = reset_peak_rss();
             one_run(dir, opts, run + 1 == runs, acc)?;
             // The peak RSS is the model's: read before the triad allocates its 192 MB.
-            let peak = peak_rss_mb();
-            acc.peak_rss_mb = match (reset, acc.peak_rss_mb, peak) {
-                (true, Some(a), Some(b)) => Some(a.max(b)),
-                (true, None, p) => p,
+            match (reset, peak_rss_mb()) {
+                (true, Some(p)) => acc.peak_rss_mb.push(p),
                 // No reset: the process's peak, whichever configuration reached it.
-                (false, _, p) => p,
-                (true, a, None) => a,
-            };
+                (false, Some(p)) => acc.process_peak_rss_mb = Some(p),
+                (_, None) => {}
+            }
         }
     }
     let weight_bytes_per_token = weight_bytes_per_token(dir)?;
@@ -335,7 +335,11 @@ pub fn run_side_by_side(dir: &Path, configs: &[BenchOptions]) -> anyhow::Result<
         .iter()
         .zip(acc)
         .map(|(opts, acc)| {
-            let peak = acc.peak_rss_mb;
+            let peak = match acc.process_peak_rss_mb {
+                Some(p) => Some(Summary::of(vec![p])),
+                None if acc.peak_rss_mb.is_empty() => None,
+                None => Some(Summary::of(acc.peak_rss_mb.clone())),
+            };
             summarize(opts, acc, peak, weight_bytes_per_token)
         })
         .collect()
@@ -354,7 +358,10 @@ struct Runs {
     at: Vec<Vec<f64>>,
     header: Option<(String, String)>,
     prof: Option<Profile>,
-    peak_rss_mb: Option<f64>,
+    /// Each run's peak (MB), where the kernel's high-water mark could be reset.
+    peak_rss_mb: Vec<f64>,
+    /// Otherwise the process's.
+    process_peak_rss_mb: Option<f64>,
 }
 
 /// One run: load, prefill, decode, decode at each position; with `last`, the profile too.
@@ -450,7 +457,7 @@ fn one_run(dir: &Path, opts: &BenchOptions, last: bool, acc: &mut Runs) -> anyho
 fn summarize(
     opts: &BenchOptions,
     acc: Runs,
-    peak_rss_mb: Option<f64>,
+    peak_rss_mb: Option<Summary>,
     weight_bytes_per_token: u64,
 ) -> anyhow::Result<BenchReport> {
     let (model, weights) = acc.header.expect("at least one run");
@@ -544,8 +551,12 @@ impl std::fmt::Display for BenchReport {
             self.weight_bytes_per_token as f64 / 1e6,
             self.decode_fraction_of_limit * 100.0
         )?;
-        match self.peak_rss_mb {
-            Some(mb) => writeln!(f, "  {:<22} {mb:>9.0} MB", "peak RSS")?,
+        match &self.peak_rss_mb {
+            Some(mb) => writeln!(
+                f,
+                "  {:<22} {:>9.0} MB        [{:.0} – {:.0}]",
+                "peak RSS", mb.median, mb.min, mb.max
+            )?,
             None => writeln!(f, "  peak RSS               unavailable on this system")?,
         }
         if let Some(p) = &self.profile {
