@@ -373,6 +373,9 @@ fn prepare_cached(
         match contain_panic("reading the load cache", || e.load()).and_then(|r| r) {
             Ok(Some(mut model)) => {
                 phases.push(("cache read", t.elapsed()));
+                if opts.return_memory {
+                    trim_heap();
+                }
                 // NNEF spells some ops out in primitives (about 1,600 casts to the same type,
                 // the quantized products' reshapes): quill's kernels match the decluttered
                 // form, so declutter here, timed on its own. All of tract's declutter passes
