@@ -334,11 +334,7 @@ impl OpState for KvAttentionState {
             kv_heads > 0 && heads.is_multiple_of(kv_heads),
             "{heads} query heads over {kv_heads} kv heads"
         );
-        ensure!(
-            self.op.format != KvCacheFormat::Int8 || d.is_multiple_of(4),
-            "an int8 KV cache needs a head size that is a multiple of 4, this model's is {d}: \
-             use --kv-cache f16 or f32"
-        );
+        self.op.format.check_head_dim(d)?;
         let row = kv_heads * d;
         if self.row == 0 {
             self.row = row;
@@ -485,6 +481,7 @@ impl OpState for KvAttentionState {
                 bail!("attention state of shape {:?}", k.shape());
             };
             ensure!(v.shape() == k.shape(), "K and V caches of different shapes");
+            self.op.format.check_head_dim(d)?;
             self.k.clear();
             self.v.clear();
             self.row = kv_heads * d;
@@ -542,6 +539,17 @@ impl KvCacheFormat {
         }
     }
 
+    /// Whether a cache in this format holds vectors of `d` values: int8 packs keys 4
+    /// components at a time.
+    pub fn check_head_dim(self, d: usize) -> TractResult<()> {
+        ensure!(
+            self != KvCacheFormat::Int8 || d.is_multiple_of(4),
+            "an int8 KV cache needs a head size that is a multiple of 4, this model's is {d}: \
+             use --kv-cache f16 or f32"
+        );
+        Ok(())
+    }
+
     /// Bytes one cached value takes (the int8 scales add 4 / head_dim).
     pub fn bytes_per_value(self) -> usize {
         match self {
@@ -590,7 +598,8 @@ fn key_index(p: usize, c: usize, d: usize) -> usize {
 }
 
 /// Symmetric int8 codes of `x` into `codes`, returning the scale (`max |x| / 127`; 0 for a
-/// zero vector, NaN if `x` holds one, so the result carries it as f32 would).
+/// zero vector or one so small (`max |x|` < 4e-37) that `127 / max |x|` overflows, NaN if `x`
+/// holds one, so the result carries it as f32 would).
 fn quantize(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| {
         if v.is_nan() || m.is_nan() {
@@ -599,12 +608,19 @@ fn quantize(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
             m.max(v.abs())
         }
     });
-    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let inv = 127.0 / amax;
+    let (inv, scale) = if amax > 0.0 && inv.is_finite() {
+        (inv, amax / 127.0)
+    } else if amax.is_nan() {
+        (0.0, f32::NAN)
+    } else {
+        (0.0, 0.0)
+    };
     for (i, v) in x.iter().enumerate() {
         // `as` saturates (and maps NaN to 0); the rounding is to nearest, ties away.
         store(i, (v * inv).round().clamp(-127.0, 127.0) as i8);
     }
-    amax / 127.0
+    scale
 }
 
 impl Blocks {
@@ -998,7 +1014,9 @@ pub struct Query8 {
 
 /// [`attend`] over an int8 cache: `s_tj = (q8_t·k8_j) · k_scale_j · (scale · q_scale_t)`, the
 /// integer dot products exact (VNNI or portable: the same scores everywhere), then the
-/// softmax and the values as f32 (each block's values converted once for the group).
+/// softmax and the values as f32 (each block's values converted once for the group; the same
+/// sums wherever multiply-adds are fused: x86-64 with FMA and aarch64; armv7 and x86-64
+/// without FMA round each product).
 #[allow(clippy::too_many_arguments)]
 fn attend_q8(
     qs: &[f32],
@@ -1410,16 +1428,12 @@ fn exp_shifted_avx512(xs: &mut [f32], max: f32) {
         // `x.max(-87.0)`: `vmaxps` returns its second operand when the first is NaN, as
         // `f32::max` returns the number.
         let x = _mm512_max_ps(x, c(-87.0));
-        // `(x · log2 e).round()`, halves away from zero: y ≤ 0 and |y| < 2²², so
-        // `-floor(-y + 0.5)` is exact and equal.
+        // `(x · log2 e).round()`, halves away from zero, for y ≤ 0: t = trunc(y), and one
+        // less where y - t ≤ -1/2 (y - t is exact: |y| < 2²³).
         let y = _mm512_mul_ps(x, c(std::f32::consts::LOG2_E));
-        let n = _mm512_sub_ps(
-            _mm512_setzero_ps(),
-            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_add_ps(
-                _mm512_sub_ps(_mm512_setzero_ps(), y),
-                c(0.5),
-            )),
-        );
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let half_or_more = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_sub_ps(y, t), c(-0.5));
+        let n = _mm512_mask_sub_ps(t, half_or_more, t, c(1.0));
         let r = _mm512_sub_ps(
             _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_359_4))),
             _mm512_mul_ps(n, c(-2.121_944_4e-4)),
@@ -1630,6 +1644,14 @@ pub fn use_kv_attention(
             "attention cache grows along axis {}, expected 2",
             sdpa.axis
         );
+        if let Some(d) = sdpa
+            .past_sequence_fact
+            .shape
+            .get(3)
+            .and_then(|d| d.to_usize().ok())
+        {
+            format.check_head_dim(d)?;
+        }
         let op = KvAttention {
             name: sdpa.name.clone(),
             past_sequence_fact: sdpa.past_sequence_fact.clone(),
@@ -1830,6 +1852,17 @@ mod tests {
             f32::NEG_INFINITY,
         ]);
         xs.extend((0..64).map(|i| -(i as f32) * std::f32::consts::LN_2 * 0.5));
+        // Around x · log2 e = -1/2 and -(1/2 - 2⁻²⁵), where rounding schemes part ways.
+        for y in [-0.5f32, -(0.5 - 2f32.powi(-25)), -1.5, -2.5] {
+            let mut x = y / std::f32::consts::LOG2_E;
+            for _ in 0..8 {
+                x = x.next_up();
+            }
+            for _ in 0..16 {
+                xs.push(x);
+                x = x.next_down();
+            }
+        }
         for max in [0.0, 1.5, -3.25] {
             let want: Vec<u32> = xs
                 .iter()

@@ -169,6 +169,7 @@ fn profile(
     for i in 0..steps {
         s.forward_profiled(&prompt[i % prompt.len()..][..1], &mut dec)?;
     }
+    drop(s);
     let decode_at = match at {
         Some(position) => {
             let context: Vec<u32> = prompt.iter().copied().cycle().take(position).collect();

@@ -248,6 +248,16 @@ pub struct Resolved {
 }
 
 impl ModelArgs {
+    /// The KV cache's format as the model will hold it: `--kv-cache` applies to quill's
+    /// attention only; with `--tract-kernels` tract keeps an f32 cache.
+    pub fn cache_format(&self) -> KvCacheFormat {
+        if self.tract_kernels {
+            KvCacheFormat::F32
+        } else {
+            self.kv_cache
+        }
+    }
+
     fn dir(&self) -> PathBuf {
         self.model
             .clone()
@@ -286,18 +296,24 @@ impl ModelArgs {
             .or(board.as_ref().map(|b| b.context))
             .unwrap_or(manifest.context_length)
             .min(manifest.context_length);
-        let estimate = MemoryEstimate::with_cache(&manifest, context, self.kv_cache);
+        let estimate = MemoryEstimate::with_cache(&manifest, context, self.cache_format());
         if let Some(b) = &board
             && estimate.total() > b.budget_bytes()
         {
             // The longest context that would fit, if any.
-            let per_token = MemoryEstimate::with_cache(&manifest, 1, self.kv_cache)
+            let per_token = MemoryEstimate::with_cache(&manifest, 1, self.cache_format())
                 .kv_cache
                 .max(1);
             let fixed = estimate.weights + estimate.working;
             let fits = b.budget_bytes().saturating_sub(fixed) / per_token;
             let int8 = MemoryEstimate::with_cache(&manifest, context, KvCacheFormat::Int8);
-            let advice = if self.kv_cache != KvCacheFormat::Int8 && int8.total() <= b.budget_bytes()
+            let int8_works = !self.tract_kernels
+                && KvCacheFormat::Int8
+                    .check_head_dim(manifest.config.head_dim)
+                    .is_ok();
+            let advice = if self.kv_cache != KvCacheFormat::Int8
+                && int8_works
+                && int8.total() <= b.budget_bytes()
             {
                 "run with --kv-cache int8 (a quarter of the KV cache's memory), or ".to_string()
             } else if fits >= 256 {
@@ -710,7 +726,7 @@ fn info(a: InfoArgs) -> Result<()> {
         .or(board.as_ref().map(|b| b.context))
         .unwrap_or(m.context_length)
         .min(m.context_length);
-    let estimate = MemoryEstimate::with_cache(m, context, a.model.kv_cache);
+    let estimate = MemoryEstimate::with_cache(m, context, a.model.cache_format());
     println!("memory        about {estimate}");
     if let Some(b) = board {
         let threads = a.model.threads.unwrap_or(b.threads);

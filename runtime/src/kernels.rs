@@ -100,8 +100,9 @@ impl Int8Linear {
         if !Self::fits(w, k, n) {
             return None;
         }
-        // SAFETY: the caller's.
-        Some(unsafe { Self::pack_releasing(w, k, n, arena.take(k * n)?, release) })
+        let weights = arena.take(k * n)?;
+        // SAFETY: `w` is `k · n` bytes (`fits`); the caller's promise covers `release`.
+        Some(unsafe { Self::pack_releasing(w.as_ptr(), k, n, weights, release) })
     }
 
     fn fits(w: &[i8], k: usize, n: usize) -> bool {
@@ -109,17 +110,20 @@ impl Int8Linear {
     }
 
     fn pack(w: &[i8], k: usize, n: usize, weights: Weights) -> Int8Linear {
-        // SAFETY: `release` is false.
-        unsafe { Self::pack_releasing(w, k, n, weights, false) }
+        assert_eq!(w.len(), k * n);
+        // SAFETY: `w` is `k · n` readable bytes; `release` is false.
+        unsafe { Self::pack_releasing(w.as_ptr(), k, n, weights, false) }
     }
 
-    /// [`Self::pack`], giving `w`'s pages back to the system as they are consumed when
-    /// `release` is true.
+    /// [`Self::pack`] of the `k · n` bytes at `src`, giving their pages back to the system as
+    /// they are consumed when `release` is true. A raw pointer, not a slice: the bytes change
+    /// (to zeros) under the call, which no reference may see.
     ///
     /// # Safety
-    /// With `release`, nothing reads `w` after this call (its pages read as zeros).
+    /// `src` points to `k · n` readable bytes; with `release`, nothing reads them after this
+    /// call (their pages read as zeros).
     unsafe fn pack_releasing(
-        w: &[i8],
+        src: *const i8,
         k: usize,
         n: usize,
         mut weights: Weights,
@@ -142,6 +146,8 @@ impl Int8Linear {
         let mut given = vec![0usize; if release { k } else { 0 }];
         for c0 in (0..n).step_by(CHUNK_COLUMNS) {
             let c1 = (c0 + CHUNK_COLUMNS).min(n);
+            // SAFETY: the caller's; this view ends before any of its pages is given back.
+            let w = unsafe { std::slice::from_raw_parts(src, k * n) };
             for (j0, dst) in (c0..c1).step_by(16).zip(blocks.by_ref()) {
                 for (group, d) in dst.iter_mut().enumerate() {
                     let row = |r: usize| -> &[i8; 16] {
@@ -152,14 +158,16 @@ impl Int8Linear {
                     interleave4(row(0), row(1), row(2), row(3), d);
                 }
             }
-            for (r, row) in w.chunks_exact(n).enumerate() {
+            for row in w.chunks_exact(n) {
                 for (o, &v) in offset[c0..c1].iter_mut().zip(&row[c0..c1]) {
                     *o += v as i32;
                 }
-                if release {
-                    // SAFETY: columns up to c1 of this row are read for the last time; the
-                    // caller does not read `w` after this call.
-                    given[r] = unsafe { give_back(row, c1, given[r]) };
+            }
+            if release {
+                for (r, given) in given.iter_mut().enumerate() {
+                    // SAFETY: row r is inside the caller's bytes, its columns up to c1 are
+                    // read for the last time, and no view of them is alive.
+                    *given = unsafe { give_back(src.add(r * n), n, c1, *given) };
                 }
             }
         }
@@ -585,20 +593,21 @@ fn only_reader(model: &TypedModel, id: usize, w: &Arc<Tensor>) -> bool {
         && Arc::strong_count(w) <= 3
 }
 
-/// Gives the whole pages of `w[given..upto]` back to the system (`MADV_DONTNEED`; Linux), and
-/// returns the byte up to which `w` is now given back.
+/// Gives the whole pages of bytes `given..upto` of the `len` bytes at `w` back to the system
+/// (`MADV_DONTNEED`; Linux), and returns the byte up to which they are now given back.
 ///
 /// # Safety
-/// Nothing reads `w[..upto]` afterwards: those pages read as zeros from now on. (The bytes
-/// belong to a live allocation, which the allocator later frees as usual: freeing writes at
-/// most its header, which a given-back page takes as a fresh zero page.)
+/// `w` points to `len` bytes of one allocation, no reference to them is alive, and nothing
+/// reads bytes `..upto` afterwards: those pages read as zeros from now on. (The allocation
+/// stays live and is later freed as usual: freeing writes at most its header, which a
+/// given-back page takes as a fresh zero page.)
 #[cfg(target_os = "linux")]
-unsafe fn give_back(w: &[i8], upto: usize, given: usize) -> usize {
+unsafe fn give_back(w: *const i8, len: usize, upto: usize, given: usize) -> usize {
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let base = w.as_ptr() as usize;
+    let base = w as usize;
     let start = (base + given).next_multiple_of(page);
-    let end = (base + upto.min(w.len())) / page * page;
+    let end = (base + upto.min(len)) / page * page;
     if end <= start {
         return given;
     }
@@ -610,7 +619,7 @@ unsafe fn give_back(w: &[i8], upto: usize, given: usize) -> usize {
 }
 
 #[cfg(not(target_os = "linux"))]
-unsafe fn give_back(_w: &[i8], _upto: usize, given: usize) -> usize {
+unsafe fn give_back(_w: *const i8, _len: usize, _upto: usize, given: usize) -> usize {
     given
 }
 
@@ -774,9 +783,9 @@ mod tests {
             .collect();
         let kept = Int8Linear::new(&w, k, n).unwrap();
         let source = w.clone();
-        // SAFETY: `source` is not read as weights after this call (only inspected below).
+        // SAFETY: `source` is k · n bytes, read again only to see that its pages went back.
         let given = unsafe {
-            Int8Linear::pack_releasing(&source, k, n, Weights::alone(k * n).unwrap(), true)
+            Int8Linear::pack_releasing(source.as_ptr(), k, n, Weights::alone(k * n).unwrap(), true)
         };
         assert!(given.packed[..] == kept.packed[..], "packed bytes");
         assert_eq!(given.offset, kept.offset, "column sums");

@@ -314,6 +314,12 @@ pub fn small_bundle() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The cross-check's int8-cache prompt: about 90 tokens.
+const INT8_CACHE_PROMPT: &str = "The old lighthouse keeper climbed the stairs every evening, \
+    counting the steps as his father had taught him. At the top he lit the lamp, wiped the salt \
+    from the glass and watched the ships pass the rocks below. One night in late autumn a storm \
+    came in from the west, and the lamp flickered twice before it";
+
 /// Builds for aarch64 and armv7 and checks that greedy generation under qemu gives the x86
 /// tokens: on a CPU without dotprod (Pi 4's Cortex-A72), with it (Pi 5's Cortex-A76), and
 /// 32-bit (Cortex-A15); the last prompt also with an int8 KV cache (whose portable integer
@@ -323,7 +329,9 @@ pub fn cross_check(tokens: usize) -> Result<()> {
     let prompts: [(&str, &[&str]); 3] = [
         ("The capital of France is", &[]),
         ("Once upon a time", &[]),
-        ("Once upon a time", &["--kv-cache", "int8"]),
+        // Longer than a cache block (64 positions), so the boards read full, partial and next
+        // blocks.
+        (INT8_CACHE_PROMPT, &["--kv-cache", "int8"]),
     ];
     let root = workspace();
     // The x86-64 reference: `$QUILL_HOST_BIN` when the caller has just built it (CI passes the
