@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
         return_memory: false,
         context: Some(8),
         cache_dir: None,
-        kv_f16: false,
+        kv_cache: quill::cli::KvCacheFormat::F32,
         // As `quill generate` loads: the graph rewritten to the last position's logits.
         all_logits: false,
     };
