@@ -166,7 +166,7 @@ struct Work {
     /// One group's query rows and outputs, `(heads / kv_heads, head_dim)`.
     qs: Vec<f32>,
     os: Vec<f32>,
-    /// One head's block of an f16 or int8 cache, converted: `(KV_BLOCK, head_dim)` f32.
+    /// One head's block of an f16 cache, converted: `(KV_BLOCK, head_dim)` f32.
     scratch: Vec<f32>,
     /// The group's query rows quantized, for an int8 cache.
     q8: Query8,
@@ -566,8 +566,8 @@ impl KvCacheFormat {
 /// to the next. An f16 cache halves the bytes a step reads (`--kv-cache f16`): attention
 /// converts one head's block at a time into a 16 kB f32 scratch that stays in L1 (F16C on
 /// x86-64, FP16 on aarch64, through `half`, chosen at run time). An int8 cache
-/// (`--kv-cache int8`) quarters them: values are converted the same way, keys are read as
-/// int8 by [`block_dots`].
+/// (`--kv-cache int8`) quarters them: keys are read as int8 by [`block_dots`], values
+/// converted in registers by [`weigh_values_q8`].
 #[derive(Clone, Debug)]
 pub enum Blocks {
     F32(Vec<Box<[f32]>>),
@@ -704,15 +704,8 @@ impl Blocks {
                     },
                     None => return,
                 },
-                Blocks::Keys8(b) | Blocks::Values8(b) => {
-                    match b.get(block).and_then(|b| b.codes.get(at..at + len)) {
-                        // SAFETY: i8 and u8 have the same layout.
-                        Some(v) => unsafe {
-                            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len())
-                        },
-                        None => return,
-                    }
-                }
+                // `attend_q8` asks for int8 blocks line by line (`prefetch_line`).
+                Blocks::Keys8(_) | Blocks::Values8(_) => return,
             };
             for line in bytes.chunks(64) {
                 // SAFETY: a prefetch of an address inside the slice; SSE is part of the x86-64
@@ -724,14 +717,13 @@ impl Blocks {
         let _ = (block, at, len);
     }
 
-    /// `len` values of block `block` from offset `at` (a whole number of one head's
-    /// `d`-vectors), as f32: the block itself, or its values converted into `scratch`.
+    /// `len` values of block `block` from offset `at`, as f32: the block itself, or (f16) its
+    /// values converted into `scratch`. Int8 blocks are read by `attend_q8` alone.
     fn read<'a>(
         &'a self,
         block: usize,
         at: usize,
         len: usize,
-        d: usize,
         scratch: &'a mut [f32],
     ) -> &'a [f32] {
         match self {
@@ -740,28 +732,8 @@ impl Blocks {
                 f16_to_f32(&b[block][at..][..len], &mut scratch[..len]);
                 &scratch[..len]
             }
-            Blocks::Values8(b) => {
-                let blk = &b[block];
-                let codes = &blk.codes[at..][..len];
-                let scales = &blk.scales[at / d..][..len / d];
-                for ((out, c), &s) in scratch[..len]
-                    .chunks_exact_mut(d)
-                    .zip(codes.chunks_exact(d))
-                    .zip(scales)
-                {
-                    for (o, &q) in out.iter_mut().zip(c) {
-                        *o = f32::from(q) * s;
-                    }
-                }
-                &scratch[..len]
-            }
-            Blocks::Keys8(_) => {
-                let row = at / d;
-                for (r, out) in scratch[..len].chunks_exact_mut(d).enumerate() {
-                    let (head, p) = ((row + r) / KV_BLOCK, (row + r) % KV_BLOCK);
-                    vector(self, block * KV_BLOCK + p, head, out);
-                }
-                &scratch[..len]
+            Blocks::Keys8(_) | Blocks::Values8(_) => {
+                unreachable!("int8 blocks are read by attend_q8")
             }
         }
     }
@@ -916,7 +888,7 @@ fn attend_impl<const FUSED: bool, const SIMD: bool>(
             0 => v.prefetch(0, run, n.min(KV_BLOCK) * d),
             r => k.prefetch(start / KV_BLOCK + 1, run, r * d),
         }
-        let keys = k.read(start / KV_BLOCK, run, rows * d, d, scratch);
+        let keys = k.read(start / KV_BLOCK, run, rows * d, scratch);
         for (t, q) in qs.chunks_exact(d).enumerate() {
             let st = &mut scores[t * n + start..][..rows];
             for (s, kj) in st.iter_mut().zip(keys.chunks_exact(d)) {
@@ -979,7 +951,7 @@ fn weigh_values<const FUSED: bool>(
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
         v.prefetch(start / KV_BLOCK + 1, run, next_rows(n, start) * d);
-        let values = v.read(start / KV_BLOCK, run, rows * d, d, scratch);
+        let values = v.read(start / KV_BLOCK, run, rows * d, scratch);
         // The block's values (16 kB at head_dim 64) stay in L1 across the group's heads.
         for (t, o) in os.chunks_exact_mut(d).enumerate() {
             let ps = &ps[t * n + start..][..rows];
