@@ -34,7 +34,7 @@ pub struct Arena {
     vec: Vec<i8>,
 }
 
-// SAFETY: the arena only hands out disjoint ranges (`take`), each owned by one `Weights`; the
+// SAFETY: the arena only hands out disjoint ranges (`take`, `Weights::split_at`), each owned by one `Weights`; the
 // raw pointers are never used to alias them.
 unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
@@ -138,6 +138,34 @@ impl Weights {
         // SAFETY: aligned (checked), a whole number of f32s, every bit pattern a valid f32,
         // and the borrow of `self` covers the view's lifetime.
         Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / 4) })
+    }
+
+    /// Where the range starts in its arena (the load cache's weights file keeps the same
+    /// offsets).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The first `mid` bytes and the rest, as two owners of disjoint ranges of the same arena;
+    /// `None` if `mid` is past the end.
+    pub fn split_at(self, mid: usize) -> Option<(Weights, Weights)> {
+        (mid <= self.len).then(|| {
+            let tail = Weights {
+                arena: self.arena.clone(),
+                start: self.start + mid,
+                len: self.len - mid,
+            };
+            let head = Weights { len: mid, ..self };
+            (head, tail)
+        })
+    }
+
+    /// The bytes as `u8`, for reading a file into them (the load cache).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        let bytes = self.as_mut_slice();
+        // SAFETY: i8 and u8 have the same size, alignment and valid bit patterns; the borrow
+        // of `self` covers the view's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len()) }
     }
 
     /// The bytes, for writing (packing).

@@ -181,6 +181,40 @@ impl Int8Linear {
         }
     }
 
+    /// An op over weights packed earlier (the load cache's weights file): `packed` holds
+    /// `k · n` bytes in the layout of [`Self::pack`], `offset` its `128 · Σₖ W[k][j]`; `None`
+    /// if the sizes disagree or the shape does not fit the kernel's blocks.
+    pub(crate) fn from_packed(
+        k: usize,
+        n: usize,
+        packed: Weights,
+        offset: Vec<i32>,
+    ) -> Option<Int8Linear> {
+        let fits = k > 0 && n > 0 && k.is_multiple_of(4) && n.is_multiple_of(32);
+        (fits && packed.len() == k * n && offset.len() == n).then(|| Int8Linear {
+            k,
+            n,
+            packed: Arc::new(packed),
+            offset: Arc::new(offset),
+            pool: None,
+        })
+    }
+
+    /// `(k, n)`: the input and output widths.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// The packed weights (a range of the load's arena).
+    pub(crate) fn packed(&self) -> &Weights {
+        &self.packed
+    }
+
+    /// `128 · Σₖ W[k][j]` per output channel j.
+    pub(crate) fn column_offsets(&self) -> &[i32] {
+        &self.offset
+    }
+
     /// The same product, split over `pool`'s threads when it is big enough.
     pub fn with_pool(mut self, pool: Option<Arc<Pool>>) -> Int8Linear {
         self.pool = pool;
@@ -512,9 +546,18 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     if !vnni_available() {
         return Ok(0);
     }
+    // A graph from the load cache holds its kernels already (`packed.rs`): they get the pool.
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        if let Some(op) = model.node(id).op_as::<Int8Linear>() {
+            let op = op.clone().with_pool(pool.clone());
+            model.node_mut(id).op = Box::new(op);
+            replaced += 1;
+        }
+    }
     let found = int8_einsums(model)?;
     if found.is_empty() {
-        return Ok(0);
+        return Ok(replaced);
     }
     // Every packed weight goes into one arena (huge pages, see `arena.rs`).
     let total = found.iter().map(|(_, w)| w.len()).sum();
@@ -523,7 +566,6 @@ pub fn use_int8_kernels(model: &mut TypedModel, pool: Option<Arc<Pool>>) -> Trac
     // one per thread (whatever `--threads` says: loading is not inference, and a kiosk waits
     // for it), each original released as soon as it is replaced, so loading holds two copies
     // of at most two weights (the 28 MB head is the high-water mark).
-    let mut replaced = 0;
     let mut found = found.into_iter();
     loop {
         let batch: Vec<(usize, Arc<Tensor>, bool)> = found

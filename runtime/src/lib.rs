@@ -20,6 +20,7 @@ pub mod generate;
 pub mod graph_check;
 pub mod kernels;
 pub mod model;
+pub mod packed;
 pub mod pool;
 pub mod qlinear;
 pub mod rope;

@@ -290,11 +290,20 @@ fn build(
             set_mmap_threshold(128 << 10);
         }
         let mut load_phases = vec![("checks", *check_time)];
-        let (built, cache_use) =
-            prepare_cached(bundle, opts, check_time, files_ok, &mut load_phases);
+        let (built, mut cache_use, pending) =
+            prepare_cached(bundle, opts, check_time, &mut load_phases);
+        // Writes the load cache's entry, at most once; whether it was attempted.
+        let mut pending = pending;
+        let mut store = |model: &TypedModel| match pending.take() {
+            Some(p) => {
+                cache_use = p.store(model, files_ok);
+                true
+            }
+            None => false,
+        };
         let built = built.and_then(|typed| {
             contain_panic("building the model", || {
-                finish_plan(typed, m, opts, &mut load_phases)
+                finish_plan(typed, m, opts, &mut load_phases, &mut store)
             })
             .and_then(|r| r)
             .map_err(|e| BundleError::BadGraph {
@@ -360,11 +369,15 @@ fn prepare_cached(
     bundle: &Bundle,
     opts: &LoadOptions,
     check_time: &mut Duration,
-    files_ok: &dyn Fn() -> bool,
     phases: &mut Vec<(&'static str, Duration)>,
-) -> (Result<TypedModel, BundleError>, CacheUse) {
+) -> (
+    Result<TypedModel, BundleError>,
+    CacheUse,
+    Option<PendingStore>,
+) {
+    let quill_int8 = opts.quill_kernels && crate::kernels::vnni_available();
     let entry = match &opts.cache_dir {
-        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle)),
+        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle, quill_int8)),
         _ => None,
     };
     let mut failed = None;
@@ -395,7 +408,7 @@ fn prepare_cached(
                     failed = Some(format!("{}: {err:#}", e.path().display()));
                 } else {
                     phases.push(("declutter", t.elapsed()));
-                    return (Ok(model), CacheUse::Hit);
+                    return (Ok(model), CacheUse::Hit, None);
                 }
             }
             Ok(None) => {}
@@ -406,7 +419,7 @@ fn prepare_cached(
     let t_graph = Instant::now();
     let proto = match read_graph(&graph, &bundle.dir) {
         Ok(p) => p,
-        Err(e) => return (Err(e), CacheUse::Off),
+        Err(e) => return (Err(e), CacheUse::Off, None),
     };
     *check_time += t_graph.elapsed();
     phases[0].1 = *check_time;
@@ -419,28 +432,38 @@ fn prepare_cached(
         reason: format!("{e:#}"),
     });
     drop(proto);
-    let Some(e) = entry else {
-        return (typed, CacheUse::Off);
+    // Stored later, once quill's kernels are in the graph (`finish_plan`).
+    let pending = match (entry, &typed) {
+        (Some(e), Ok(_)) => Some(PendingStore { entry: e, failed }),
+        _ => None,
     };
-    let Ok(model) = &typed else {
-        return (typed, CacheUse::Off);
-    };
-    // Only a graph built from files that passed their checks goes into the cache (they are
-    // checked on another thread meanwhile; the load fails with the check's error otherwise).
-    if !files_ok() {
-        return (typed, CacheUse::Off);
+    (typed, CacheUse::Off, pending)
+}
+
+/// A cache entry to write once the graph has quill's int8 kernels (they are cached with it).
+struct PendingStore {
+    entry: cache::Entry,
+    /// Why the entry could not be read, if it could not.
+    failed: Option<String>,
+}
+
+impl PendingStore {
+    /// Writes `model` to the cache if the bundle's files passed their checks (they are
+    /// checked on another thread meanwhile; the load fails with the check's error otherwise).
+    fn store(self, model: &TypedModel, files_ok: &dyn Fn() -> bool) -> CacheUse {
+        if !files_ok() {
+            return CacheUse::Off;
+        }
+        let e = self.entry;
+        match contain_panic("writing the load cache", || e.store(model)).and_then(|r| r) {
+            Ok(()) => CacheUse::Stored,
+            Err(err) => CacheUse::Failed(format!(
+                "{}writing {}: {err:#}",
+                self.failed.map(|f| f + "; ").unwrap_or_default(),
+                e.path().display()
+            )),
+        }
     }
-    let t = Instant::now();
-    let used = match contain_panic("writing the load cache", || e.store(model)).and_then(|r| r) {
-        Ok(()) => CacheUse::Stored,
-        Err(err) => CacheUse::Failed(format!(
-            "{}writing {}: {err:#}",
-            failed.map(|f| f + "; ").unwrap_or_default(),
-            e.path().display()
-        )),
-    };
-    phases.push(("cache write", t.elapsed()));
-    (typed, used)
 }
 
 /// The ONNX graph as tract's typed, decluttered model with the KV cache in tract's state: what
@@ -524,6 +547,7 @@ fn finish_plan(
     m: &Manifest,
     opts: &LoadOptions,
     phases: &mut Vec<(&'static str, Duration)>,
+    store: &mut dyn FnMut(&TypedModel) -> bool,
 ) -> anyhow::Result<(Arc<Plan>, usize, usize, usize)> {
     let threads = opts.threads;
     let mut t = Instant::now();
@@ -549,10 +573,18 @@ fn finish_plan(
         let n = crate::kernels::use_int8_kernels(&mut model, pool.clone())
             .context("installing quill's int8 kernel")?;
         lap("int8 packing");
+        // The load cache keeps the graph from here: the int8 kernels installed, their weights
+        // packed (a warm load reads them as they are, see `packed.rs`).
+        if store(&model) {
+            lap("cache write");
+        }
         crate::qlinear::fuse_quantization(&mut model)
             .context("fusing the int8 quantization into quill's kernel")?;
         n
     } else {
+        if store(&model) {
+            lap("cache write");
+        }
         0
     };
     lap("int8 kernels");

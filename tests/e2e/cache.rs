@@ -1,6 +1,7 @@
 //! The load cache (`quill::cache`) on the int8 teacher: the second load starts from the cache and
-//! computes what a load from the ONNX graph computes; a damaged entry is ignored and rebuilt; a
-//! cache that cannot be written never stops a load.
+//! computes what a load from the ONNX graph computes (the packed int8 weights read back from the
+//! entry's weights file included); a damaged entry is ignored and rebuilt; a cache that cannot
+//! be written never stops a load.
 
 use std::fs;
 use std::path::Path;
@@ -74,6 +75,35 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
     assert_eq!(rebuilt.cache, CacheUse::Stored);
     drop(rebuilt);
     assert_eq!(Model::load(bundle, &opts).unwrap().cache, CacheUse::Hit);
+
+    // With quill's int8 kernels (AVX-512 VNNI), the packed weights are a file of their own:
+    // one byte flipped, or the file cut short, and the entry is rebuilt too.
+    let weights = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".weights"));
+    assert_eq!(
+        weights.is_some(),
+        quill::kernels::vnni_available(),
+        "a weights file exactly where quill's int8 kernels run"
+    );
+    if let Some(weights) = weights {
+        let mut bytes = fs::read(&weights).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&weights, &bytes).unwrap();
+        let rebuilt = Model::load(bundle, &opts).unwrap();
+        assert_eq!(rebuilt.cache, CacheUse::Stored);
+        drop(rebuilt);
+        let bytes = fs::read(&weights).unwrap();
+        fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+        let rebuilt = Model::load(bundle, &opts).unwrap();
+        assert_eq!(rebuilt.cache, CacheUse::Stored);
+        drop(rebuilt);
+        let warm = Model::load(bundle, &opts).unwrap();
+        assert_eq!(warm.cache, CacheUse::Hit);
+        assert_eq!(logits(plain, &ids), logits(&warm, &ids));
+    }
 
     // A cache directory that cannot be created: the load works and says why it did not cache.
     let blocked = cache.join("a-file");
