@@ -20,6 +20,9 @@
 //! - Threads: a step's (kv head, query row) pairs are split in contiguous runs over quill's
 //!   kernel threads ([`crate::pool`]), each with its own scratch ([`Work`]); each pair is
 //!   computed exactly as on one thread, so the output does not depend on the thread count.
+//!   With an int8 cache a pair's positions are always computed in two halves put together
+//!   after ([`attend_q8`], [`merge_halves`]), and a decode step splits the halves themselves
+//!   over the threads (its three kv heads left one of two threads idle a third of the time).
 //! - Kernels: the dot products in `std::arch` (AVX2 + FMA on x86-64, chosen at run time; NEON
 //!   on aarch64), four vector accumulators and one horizontal sum; the softmax's `exp` is a
 //!   polynomial within 2 ulp of `f32::exp` that vectorizes; the weighted sum of values keeps a
@@ -110,6 +113,7 @@ impl EvalOp for KvAttention {
             len: 0,
             row: 0,
             work: Vec::new(),
+            halves: Vec::new(),
         })))
     }
 }
@@ -140,6 +144,8 @@ pub struct KvAttentionState {
     /// Scratch of each thread a step is split over (one without quill's kernel threads),
     /// sized by the first step and reused.
     work: Vec<WorkSlot>,
+    /// A decode step's halves over an int8 cache ([`Step::halves`]), reused.
+    halves: Vec<f32>,
 }
 
 /// A [`Work`] one thread at a time (the parts of a step each lock their own: never contended).
@@ -170,6 +176,8 @@ struct Work {
     scratch: Vec<f32>,
     /// The group's query rows quantized, for an int8 cache.
     q8: Query8,
+    /// One half's `(2, group)` maxima and sums ([`Step::halves`]).
+    stats: Vec<f32>,
 }
 
 /// One step's attention: what [`Step::rows`] needs to compute any (kv head, query row) pair.
@@ -200,36 +208,10 @@ impl Step<'_> {
     /// rows.
     unsafe fn rows(&self, items: std::ops::Range<usize>, w: &mut Work, out: &OutPtr) {
         let (s, d, group) = (self.s, self.d, self.group);
-        w.qs.resize(group * d, 0.0);
-        w.os.resize(group * d, 0.0);
         w.scratch.resize(KV_BLOCK * d, 0.0);
         for item in items {
             let (g, i) = (item / s, item % s);
-            // Causal: query i (absolute position past + i) sees positions 0..=past + i.
-            let visible = if self.causal {
-                self.past + i + 1
-            } else {
-                self.total
-            };
-            for t in 0..group {
-                let h = g * group + t;
-                w.qs[t * d..][..d].copy_from_slice(&self.q[(h * s + i) * d..][..d]);
-            }
-            // Mask rows of this query row: (heads | 1, s, total) → the group's first row and
-            // the distance between heads' rows (0 when all heads share one).
-            let total = self.total;
-            let mask = match self.mask {
-                Some((md, 1)) => Some((&md[i * total..], 0)),
-                Some((md, _)) => Some((&md[(g * group * s + i) * total..], s * total)),
-                None => None,
-            };
-            let at = Cache {
-                head: g,
-                visible,
-                head_dim: d,
-                scale: self.scale,
-                mask,
-            };
+            let at = self.pair(g, i, w);
             attend(
                 &w.qs,
                 self.k,
@@ -251,6 +233,109 @@ impl Step<'_> {
                     )
                 };
             }
+        }
+    }
+
+    /// A decode step over an int8 cache: halves `items` (item = kv head · 2 + half, see
+    /// [`attend_q8`]), each half's sums `(group, d)` then stats `(2, group)` into slot `item`
+    /// of `halves`, for [`Step::merge`].
+    ///
+    /// # Safety
+    /// `halves` points to `kv_heads · 2` slots of [`Step::half_slot`] writable f32 of which no
+    /// one else writes these items'.
+    unsafe fn halves(&self, items: std::ops::Range<usize>, w: &mut Work, halves: &OutPtr) {
+        let (Blocks::Keys8(k), Blocks::Values8(v)) = (self.k, self.v) else {
+            unreachable!("halves only for an int8 cache");
+        };
+        let slot = self.half_slot();
+        let (d, group) = (self.d, self.group);
+        w.stats.resize(2 * group, 0.0);
+        for item in items {
+            let (g, half) = (item / 2, item % 2);
+            let at = self.pair(g, 0, w);
+            let mid = split_point(at.visible);
+            let at = if half == 0 {
+                Cache {
+                    visible: mid,
+                    then: (mid / KV_BLOCK, g),
+                    ..at
+                }
+            } else {
+                Cache {
+                    first: mid,
+                    then: (0, g + 1),
+                    ..at
+                }
+            };
+            attend_q8(
+                &w.qs,
+                k,
+                v,
+                at,
+                &mut w.scores,
+                &mut w.os,
+                &mut w.stats,
+                &mut w.q8,
+            );
+            // SAFETY: slot `item` is within `halves` and belongs to this item only.
+            unsafe {
+                let to = halves.0.add(item * slot);
+                std::ptr::copy_nonoverlapping(w.os.as_ptr(), to, group * d);
+                std::ptr::copy_nonoverlapping(w.stats.as_ptr(), to.add(group * d), 2 * group);
+            }
+        }
+    }
+
+    /// f32 per slot of [`Step::halves`].
+    fn half_slot(&self) -> usize {
+        self.group * (self.d + 2)
+    }
+
+    /// Puts the halves of every kv head together into `out (heads, 1, d)`.
+    fn merge(&self, halves: &[f32], out: &mut [f32]) {
+        let (d, group, slot) = (self.d, self.group, self.half_slot());
+        for (g, o) in out.chunks_exact_mut(group * d).enumerate() {
+            let (h0, h1) = (
+                &halves[2 * g * slot..][..slot],
+                &halves[(2 * g + 1) * slot..][..slot],
+            );
+            o.copy_from_slice(&h0[..group * d]);
+            merge_halves(o, &h0[group * d..], &h1[..group * d], &h1[group * d..], d);
+        }
+    }
+
+    /// Copies the group's query rows of pair (kv head `g`, query row `i`) into `w.qs` and
+    /// returns its view of the cache (every visible position).
+    fn pair(&self, g: usize, i: usize, w: &mut Work) -> Cache<'_> {
+        let (s, d, group) = (self.s, self.d, self.group);
+        w.qs.resize(group * d, 0.0);
+        w.os.resize(group * d, 0.0);
+        // Causal: query i (absolute position past + i) sees positions 0..=past + i.
+        let visible = if self.causal {
+            self.past + i + 1
+        } else {
+            self.total
+        };
+        for t in 0..group {
+            let h = g * group + t;
+            w.qs[t * d..][..d].copy_from_slice(&self.q[(h * s + i) * d..][..d]);
+        }
+        // Mask rows of this query row: (heads | 1, s, total) → the group's first row and
+        // the distance between heads' rows (0 when all heads share one).
+        let total = self.total;
+        let mask = match self.mask {
+            Some((md, 1)) => Some((&md[i * total..], 0)),
+            Some((md, _)) => Some((&md[(g * group * s + i) * total..], s * total)),
+            None => None,
+        };
+        Cache {
+            head: g,
+            first: 0,
+            visible,
+            then: (0, g + 1),
+            head_dim: d,
+            scale: self.scale,
+            mask,
         }
     }
 }
@@ -419,30 +504,44 @@ impl OpState for KvAttentionState {
             scale: self.op.scale(d),
         };
         let mut out = vec![0f32; heads * s * d];
-        let out_ptr = crate::pool::SendPtr(out.as_mut_ptr());
-        let items = kv_heads * s;
+        // A decode step over an int8 cache goes by halves of kv heads (three kv heads would
+        // leave one of two threads idle half the time), put together after.
+        let by_halves = s == 1 && matches!(step.k, Blocks::Keys8(_));
+        let items = if by_halves {
+            kv_heads * 2
+        } else {
+            kv_heads * s
+        };
+        if by_halves {
+            self.halves.resize(items * step.half_slot(), 0.0);
+        }
+        let to = crate::pool::SendPtr(if by_halves {
+            self.halves.as_mut_ptr()
+        } else {
+            out.as_mut_ptr()
+        });
+        // SAFETY (both): `to` holds every item's output, and the parts' ranges are disjoint.
+        let run = |range: std::ops::Range<usize>, w: &mut Work| unsafe {
+            if by_halves {
+                step.halves(range, w, &to)
+            } else {
+                step.rows(range, w, &to)
+            }
+        };
         let work = &self.work;
         match &self.op.pool.0 {
-            // Each thread takes a contiguous run of (kv head, query row) pairs.
+            // Each thread takes a contiguous run of items.
             Some(pool) if pool.threads() > 1 && items >= 2 && work.len() == pool.threads() => {
                 let parts = pool.threads();
                 pool.run(&|part| {
                     let mut w = work[part].lock();
-                    // SAFETY: the parts' ranges are disjoint, so are the rows they write.
-                    unsafe {
-                        step.rows(
-                            items * part / parts..items * (part + 1) / parts,
-                            &mut w,
-                            &out_ptr,
-                        )
-                    }
+                    run(items * part / parts..items * (part + 1) / parts, &mut w)
                 });
             }
-            _ => {
-                let mut w = work[0].lock();
-                // SAFETY: one part writing every row.
-                unsafe { step.rows(0..items, &mut w, &out_ptr) }
-            }
+            _ => run(0..items, &mut work[0].lock()),
+        }
+        if by_halves {
+            step.merge(&self.halves, &mut out);
         }
         let out = Tensor::from_shape(&[1, heads, s, d], &out)?;
         Ok(tvec!(out.cast_to_dt(out_dt)?.into_owned().into_tvalue()))
@@ -601,13 +700,21 @@ fn key_index(p: usize, c: usize, d: usize) -> usize {
 /// zero vector or one so small (`max |x|` < 4e-37) that `127 / max |x|` overflows, NaN if `x`
 /// holds one, so the result carries it as f32 would).
 fn quantize(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| {
-        if v.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(v.abs())
+    // The maximum is exact in any order: sixteen lanes (it vectorizes), NaN looked for apart.
+    let amax = if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        let mut acc = [0f32; 16];
+        let (xc, xr) = x.as_chunks::<16>();
+        for c in xc {
+            for l in 0..16 {
+                acc[l] = acc[l].max(c[l].abs());
+            }
         }
-    });
+        acc.into_iter()
+            .chain(xr.iter().map(|v| v.abs()))
+            .fold(0f32, f32::max)
+    };
     let inv = 127.0 / amax;
     let (inv, scale) = if amax > 0.0 && inv.is_finite() {
         (inv, amax / 127.0)
@@ -807,8 +914,13 @@ fn vector(cache: &Blocks, pos: usize, head: usize, out: &mut [f32]) {
 struct Cache<'m> {
     /// The kv head.
     head: usize,
-    /// Positions the queries see.
+    /// Positions the queries see: `first..visible` (`first` a block's first position; only an
+    /// int8 cache computes a part of them, see [`attend_q8`]).
+    first: usize,
     visible: usize,
+    /// The block after this part's values in a step's order: (block, kv head), for
+    /// prefetching (int8 cache).
+    then: (usize, usize),
     head_dim: usize,
     scale: f32,
     /// Head 0's mask row and the distance to the next head's (0: shared), if any.
@@ -830,9 +942,35 @@ fn attend(
     os: &mut [f32],
     q8: &mut Query8,
 ) {
-    if let Blocks::Keys8(k) = k {
-        return attend_q8(qs, k, v, at, scores, scratch, os, q8);
+    if let (Blocks::Keys8(k), Blocks::Values8(v)) = (k, v) {
+        // Both halves of the positions, one after the other, then put together: what a
+        // decode step computes with the halves on two threads.
+        let group = qs.len() / at.head_dim;
+        let mid = split_point(at.visible);
+        let mut stats = std::mem::take(&mut q8.stats);
+        stats.resize(4 * group, 0.0);
+        let (st0, st1) = stats.split_at_mut(2 * group);
+        let o1 = &mut scratch[..group * at.head_dim];
+        let first = Cache {
+            visible: mid,
+            then: (mid / KV_BLOCK, at.head),
+            ..at
+        };
+        attend_q8(qs, k, v, first, scores, os, st0, q8);
+        let second = Cache {
+            first: mid,
+            then: (0, at.head + 1),
+            ..at
+        };
+        attend_q8(qs, k, v, second, scores, o1, st1, q8);
+        merge_halves(os, st0, o1, st1, at.head_dim);
+        q8.stats = stats;
+        return;
     }
+    debug_assert_eq!(
+        at.first, 0,
+        "only an int8 cache computes part of the positions"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -982,6 +1120,8 @@ pub struct Query8 {
     factor: Vec<f32>,
     /// `(group, KV_BLOCK)` integer dot products of one block.
     dots: Vec<i32>,
+    /// Both halves' `(2, group)` maxima and sums ([`attend`]).
+    stats: Vec<f32>,
 }
 
 /// [`attend`] over an int8 cache: `s_tj = (q8_t·k8_j) · k_scale_j · (scale · q_scale_t)`, the
@@ -989,24 +1129,38 @@ pub struct Query8 {
 /// softmax and the values as f32 (each block's values converted once for the group; the same
 /// sums wherever multiply-adds are fused: x86-64 with FMA and aarch64; armv7 and x86-64
 /// without FMA round each product).
+///
+/// Over the positions `at.first..at.visible` only, one half of them ([`split_point`]): `os`
+/// gets the unnormalized sums `Σ_j exp(s_tj − m_t) · v_j` and `stats (2, group)` the maxima
+/// m_t and sums l_t ([`softmax_part`]); [`merge_halves`] puts the two halves together. A
+/// decode step computes the halves of a kv head on two threads, so that a step's three kv
+/// heads keep two threads equally busy.
 #[allow(clippy::too_many_arguments)]
 fn attend_q8(
     qs: &[f32],
     k: &[I8Block],
-    v: &Blocks,
+    v: &[I8Block],
     at: Cache<'_>,
     scores: &mut Vec<f32>,
-    scratch: &mut [f32],
     os: &mut [f32],
+    stats: &mut [f32],
     q8: &mut Query8,
 ) {
+    if at.first >= at.visible {
+        // An empty half (everything fits in the first): it adds nothing.
+        os.fill(0.0);
+        let (m, l) = stats.split_at_mut(stats.len() / 2);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         let vnni = crate::kernels::vnni_available();
         // SAFETY: the CPU has AVX2 and FMA (and, with `vnni`, AVX-512 F, BW and VNNI).
-        return unsafe { attend_q8_avx2(qs, k, v, at, scores, scratch, os, q8, vnni) };
+        return unsafe { attend_q8_avx2(qs, k, v, at, scores, os, stats, q8, vnni) };
     }
-    attend_q8_impl::<FUSED_BASELINE>(qs, k, v, at, scores, scratch, os, q8, false)
+    attend_q8_impl::<FUSED_BASELINE>(qs, k, v, at, scores, os, stats, q8, false)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1015,15 +1169,15 @@ fn attend_q8(
 fn attend_q8_avx2(
     qs: &[f32],
     k: &[I8Block],
-    v: &Blocks,
+    v: &[I8Block],
     at: Cache<'_>,
     scores: &mut Vec<f32>,
-    scratch: &mut [f32],
     os: &mut [f32],
+    stats: &mut [f32],
     q8: &mut Query8,
     vnni: bool,
 ) {
-    attend_q8_impl::<true>(qs, k, v, at, scores, scratch, os, q8, vnni)
+    attend_q8_impl::<true>(qs, k, v, at, scores, os, stats, q8, vnni)
 }
 
 #[inline(always)]
@@ -1031,17 +1185,19 @@ fn attend_q8_avx2(
 fn attend_q8_impl<const FUSED: bool>(
     qs: &[f32],
     k: &[I8Block],
-    v: &Blocks,
+    v: &[I8Block],
     at: Cache<'_>,
     scores: &mut Vec<f32>,
-    scratch: &mut [f32],
     os: &mut [f32],
+    stats: &mut [f32],
     q8: &mut Query8,
     vnni: bool,
 ) {
     let d = at.head_dim;
     let group = qs.len() / d;
-    let n = at.visible;
+    // Positions `first..visible`, `n` of them; `scores` and the stream count from `first`.
+    let first = at.first;
+    let n = at.visible - first;
     q8.codes.resize(group * d, 0);
     q8.factor.resize(group, 0.0);
     q8.dots.resize(group * KV_BLOCK, 0);
@@ -1049,23 +1205,28 @@ fn attend_q8_impl<const FUSED: bool>(
         let codes = &mut q8.codes[t * d..][..d];
         q8.factor[t] = at.scale * quantize(q, |c, x| codes[c] = x);
     }
-    scores.clear();
-    scores.resize(group * n, 0.0);
+    // Every score is written below: no need to clear them.
+    if scores.len() < group * n {
+        scores.resize(group * n, 0.0);
+    }
+    let scores = &mut scores[..group * n];
     let run = at.head * KV_BLOCK * d;
+    let stream = Stream8 {
+        k,
+        v,
+        first: first / KV_BLOCK,
+        blocks: n.div_ceil(KV_BLOCK),
+        head: at.head,
+        d,
+        then: at.then,
+    };
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let blk = &k[start / KV_BLOCK];
-        // The next block's keys (after the last, the first values) are asked for line by
-        // line as this block's are computed (all at once, the misses queued up and stalled).
-        let next: &[i8] = match k.get(start / KV_BLOCK + 1) {
-            Some(next) if next_rows(n, start) > 0 => {
-                &next.codes[run..][..next_rows(n, start).next_multiple_of(16) * d]
-            }
-            _ => match v {
-                Blocks::Values8(v) => &v[0].codes[run..][..n.min(KV_BLOCK) * d],
-                _ => &[],
-            },
-        };
+        let blk = &k[(first + start) / KV_BLOCK];
+        // The keys of the next block in the step's stream (this half's key blocks, its value
+        // blocks, then the keys the step reads next) are asked for line by line as this
+        // block's are computed (all at once, the misses queued up and stalled).
+        let next = stream.codes(start / KV_BLOCK + 1);
         let codes = &blk.codes[run..][..KV_BLOCK * d];
         block_dots(codes, rows, &q8.codes, d, &mut q8.dots, vnni, next);
         let ks = &blk.scales[at.head * KV_BLOCK..][..rows];
@@ -1077,17 +1238,113 @@ fn attend_q8_impl<const FUSED: bool>(
             }
         }
     }
-    softmax(scores, n, at.mask);
-    match v {
-        Blocks::Values8(v) => {
-            // After the last values, the next kv head's first keys (the next pair of a step).
-            let then = k[0]
-                .codes
-                .get(run + KV_BLOCK * d..run + 2 * KV_BLOCK * d)
-                .unwrap_or(&[]);
-            weigh_values_q8::<FUSED>(scores, v, at, os, vnni, then)
+    let mask = at.mask.map(|(m, stride)| (&m[first..], stride));
+    softmax_part(scores, n, mask, stats);
+    weigh_values_q8::<FUSED>(scores, v, at, os, vnni, &stream)
+}
+
+/// Where [`attend_q8`] splits `visible` positions in two (a block boundary; the second half
+/// is empty below two blocks). It depends on `visible` alone, so a query row gets the same
+/// result whether its halves run on one thread or two, in prefill or in decode.
+fn split_point(visible: usize) -> usize {
+    (visible.div_ceil(KV_BLOCK).div_ceil(2) * KV_BLOCK).min(visible)
+}
+
+/// Scores `(group, n)` → `exp(s − m)` row by row after `+ mask`, with `stats (2, group)`
+/// = each row's maximum m and sum l (m = −∞, l = 0 and zeros for a fully masked row): one
+/// half of an int8-cache softmax, finished by [`merge_halves`].
+#[inline(always)]
+fn softmax_part(scores: &mut [f32], n: usize, mask: Option<(&[f32], usize)>, stats: &mut [f32]) {
+    let group = stats.len() / 2;
+    for (t, st) in scores.chunks_exact_mut(n).enumerate() {
+        if let Some((m, stride)) = mask {
+            for (s, &mj) in st.iter_mut().zip(&m[t * stride..][..n]) {
+                *s += mj;
+            }
         }
-        _ => weigh_values::<FUSED>(scores, v, at, scratch, os),
+        let max = max(st);
+        if max == f32::NEG_INFINITY {
+            st.fill(0.0);
+            stats[t] = f32::NEG_INFINITY;
+            stats[group + t] = 0.0;
+            continue;
+        }
+        exp_shifted(st, max);
+        stats[t] = max;
+        stats[group + t] = sum(st);
+    }
+}
+
+/// `o = (o₀·w₀ + o₁·w₁) / (l₀·w₀ + l₁·w₁)` with `wᵢ = exp(mᵢ − max(m₀, m₁))`, per row of
+/// `o0 (group, d)` (the first half's sums, overwritten) and `o1`, `statsᵢ (2, group)` their
+/// maxima and sums ([`softmax_part`]): the softmax-weighted values over both halves. Zeros
+/// where nothing is visible; NaN where a score was. The same operations in the same order on
+/// every target.
+fn merge_halves(o0: &mut [f32], stats0: &[f32], o1: &[f32], stats1: &[f32], d: usize) {
+    let group = stats0.len() / 2;
+    for (t, (o0, o1)) in o0.chunks_exact_mut(d).zip(o1.chunks_exact(d)).enumerate() {
+        let (m0, l0, m1, l1) = (stats0[t], stats0[group + t], stats1[t], stats1[group + t]);
+        if m0.is_nan() || m1.is_nan() {
+            o0.fill(f32::NAN);
+            continue;
+        }
+        let m = m0.max(m1);
+        if m == f32::NEG_INFINITY {
+            o0.fill(0.0);
+            continue;
+        }
+        let weight = |mi: f32| {
+            if mi == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_nonpositive(mi - m)
+            }
+        };
+        let (w0, w1) = (weight(m0), weight(m1));
+        let inv = (l0 * w0 + l1 * w1).recip();
+        for (a, &b) in o0.iter_mut().zip(o1) {
+            *a = (*a * w0 + b * w1) * inv;
+        }
+    }
+}
+
+/// The blocks one half of a (kv head, query row) pair of an int8-cache step reads, in
+/// order: its key blocks, its value blocks, then the key block the step reads next; for
+/// prefetching.
+struct Stream8<'a> {
+    k: &'a [I8Block],
+    v: &'a [I8Block],
+    /// The first block of the half, and how many it reads of keys (and of values).
+    first: usize,
+    blocks: usize,
+    head: usize,
+    d: usize,
+    /// (block, kv head) read after the values.
+    then: (usize, usize),
+}
+
+impl Stream8<'_> {
+    /// Block `i` of the stream and this head's range of it, if there is one.
+    fn block(&self, i: usize) -> Option<(&I8Block, usize)> {
+        if i < self.blocks {
+            self.k.get(self.first + i).map(|b| (b, self.head))
+        } else if i < 2 * self.blocks {
+            self.v
+                .get(self.first + i - self.blocks)
+                .map(|b| (b, self.head))
+        } else if i == 2 * self.blocks {
+            self.k.get(self.then.0).map(|b| (b, self.then.1))
+        } else {
+            None
+        }
+    }
+
+    /// The codes of block `i` (empty past the end).
+    fn codes(&self, i: usize) -> &[i8] {
+        let len = KV_BLOCK * self.d;
+        self.block(i)
+            .and_then(|(b, h)| b.codes.get(h * len..(h + 1) * len))
+            .unwrap_or(&[])
     }
 }
 
@@ -1101,28 +1358,25 @@ fn weigh_values_q8<const FUSED: bool>(
     at: Cache<'_>,
     os: &mut [f32],
     avx512: bool,
-    then: &[i8],
+    stream: &Stream8<'_>,
 ) {
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (avx512, then);
-    let (d, n) = (at.head_dim, at.visible);
+    let _ = (avx512, stream);
+    // Positions `first..visible`; `ps` counts from `first`.
+    let (d, first, n) = (at.head_dim, at.first, at.visible - at.first);
     let run = at.head * KV_BLOCK * d;
     for o in os.iter_mut() {
         *o = 0.0;
     }
     for start in (0..n).step_by(KV_BLOCK) {
         let rows = (n - start).min(KV_BLOCK);
-        let blk = &v[start / KV_BLOCK];
+        let blk = &v[(first + start) / KV_BLOCK];
         let codes = &blk.codes[run..][..rows * d];
         let scales = &blk.scales[at.head * KV_BLOCK..][..rows];
         #[cfg(target_arch = "x86_64")]
         if avx512 && FUSED && d == 64 {
-            let next: &[i8] = match v.get(start / KV_BLOCK + 1) {
-                Some(next) if next_rows(n, start) > 0 => {
-                    &next.codes[run..][..next_rows(n, start) * d]
-                }
-                _ => then,
-            };
+            // The next block of the step's stream (see `attend_q8_impl`).
+            let next = stream.codes(stream.blocks + start / KV_BLOCK + 1);
             // SAFETY: `avx512` only where the CPU has AVX-512 F; the callee checks the shapes.
             unsafe { weigh_block_avx512(ps, n, start, codes, scales, os, next) };
             continue;
@@ -1672,7 +1926,7 @@ mod tests {
 
     /// A cache of `len` positions appended in chunks of 1 to 70 (crossing block boundaries
     /// mid-chunk), from `(1, kv_heads, chunk, d)` tensors as the graph gives them.
-    pub(super) fn cache(
+    pub(crate) fn cache(
         len: usize,
         kv_heads: usize,
         d: usize,
@@ -1727,6 +1981,8 @@ mod tests {
                     let mut os = vec![f32::NAN; group * d];
                     let at = Cache {
                         head: g,
+                        first: 0,
+                        then: (0, g + 1),
                         visible: n,
                         head_dim: d,
                         scale: (d as f32).sqrt().recip(),
@@ -1757,6 +2013,64 @@ mod tests {
     }
 
     #[test]
+    fn a_decode_step_by_halves_is_the_rows_computed_whole() {
+        // An int8-cache decode step splits each kv head's positions over threads; any split
+        // of the items gives what `rows` (both halves in turn, per pair) gives, bit for bit.
+        let mut seed = 11u32;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
+        };
+        let (d, kv_heads, group) = (64, 3, 3);
+        for len in [1, 64, 65, 200, 1000] {
+            let k = cache(len, kv_heads, d, KvCacheFormat::Int8, true, &mut rnd);
+            let v = cache(len, kv_heads, d, KvCacheFormat::Int8, false, &mut rnd);
+            let q: Vec<f32> = (0..kv_heads * group * d).map(|_| rnd()).collect();
+            let step = Step {
+                q: &q,
+                k: &k,
+                v: &v,
+                mask: None,
+                group,
+                s: 1,
+                d,
+                past: len - 1,
+                total: len,
+                causal: true,
+                scale: 0.125,
+            };
+            let mut whole = vec![f32::NAN; kv_heads * group * d];
+            let mut w = Work::default();
+            // SAFETY: `whole` holds every row.
+            unsafe {
+                step.rows(
+                    0..kv_heads,
+                    &mut w,
+                    &crate::pool::SendPtr(whole.as_mut_ptr()),
+                )
+            };
+            for cut in 0..=2 * kv_heads {
+                let mut halves = vec![f32::NAN; 2 * kv_heads * step.half_slot()];
+                let to = crate::pool::SendPtr(halves.as_mut_ptr());
+                // SAFETY: `halves` holds every item's slot; the two runs are disjoint.
+                unsafe {
+                    step.halves(0..cut, &mut Work::default(), &to);
+                    step.halves(cut..2 * kv_heads, &mut Work::default(), &to);
+                }
+                let mut merged = vec![f32::NAN; kv_heads * group * d];
+                step.merge(&halves, &mut merged);
+                let same = merged
+                    .iter()
+                    .zip(&whole)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "len {len}, items cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
     fn a_masked_position_is_not_attended() {
         let d = 8;
         let k = Blocks::F32(vec![vec![1.0f32; KV_BLOCK * d].into_boxed_slice()]);
@@ -1771,6 +2085,8 @@ mod tests {
         let mask = [0.0, f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0];
         let at = Cache {
             head: 0,
+            first: 0,
+            then: (0, 1),
             visible: 3,
             head_dim: d,
             scale: 1.0,
