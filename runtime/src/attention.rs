@@ -1924,6 +1924,16 @@ mod tests {
             .collect()
     }
 
+    /// Uniform numbers in [-2, 2) from xorshift32 state `seed`.
+    fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
+        }
+    }
+
     /// A cache of `len` positions appended in chunks of 1 to 70 (crossing block boundaries
     /// mid-chunk), from `(1, kv_heads, chunk, d)` tensors as the graph gives them.
     pub(crate) fn cache(
@@ -1949,13 +1959,7 @@ mod tests {
 
     #[test]
     fn attend_matches_a_plain_softmax() {
-        let mut seed = 7u32;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
-        };
+        let mut rnd = uniform(7);
         // The f16 and int8 caches against the same softmax over their (rounded) contents; the
         // int8 cache's queries are quantized too, so the plain softmax gets them rounded.
         use KvCacheFormat::{F16, F32, Int8};
@@ -2016,13 +2020,7 @@ mod tests {
     fn a_decode_step_by_halves_is_the_rows_computed_whole() {
         // An int8-cache decode step splits each kv head's positions over threads; any split
         // of the items gives what `rows` (both halves in turn, per pair) gives, bit for bit.
-        let mut seed = 11u32;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
-        };
+        let mut rnd = uniform(11);
         let (d, kv_heads, group) = (64, 3, 3);
         for len in [1, 64, 65, 200, 1000] {
             let k = cache(len, kv_heads, d, KvCacheFormat::Int8, true, &mut rnd);
