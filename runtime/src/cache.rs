@@ -96,6 +96,8 @@ pub struct Entry {
     tar: PathBuf,
     /// The packed int8 weights of the tar's quill ops (see `packed.rs`), when it has any.
     weights: PathBuf,
+    /// The embedding tables of the tar's quill ops, when it has any (memory-mapped).
+    tables: PathBuf,
     key_file: PathBuf,
     key: String,
     /// `<bundle name>-`: entries of earlier versions of the bundle start with it.
@@ -103,21 +105,17 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry of `bundle` in `dir`; `quill_int8` says whether the load installs quill's
-    /// int8 kernels (then the cached graph holds them, their weights packed for this CPU).
-    pub fn new(dir: &Path, bundle: &Bundle, quill_int8: bool) -> Entry {
+    /// The entry of `bundle` in `dir`; `kernels` names the ops the load installs before the
+    /// cached form (the cached graph holds them: quill's int8 kernels, their weights packed for
+    /// this CPU, and its embedding).
+    pub fn new(dir: &Path, bundle: &Bundle, kernels: &str) -> Entry {
         let m = &bundle.manifest;
         let mut key = format!(
-            "quill {}\ntract {}\ntarget {}-{}\nkernels {}\n",
+            "quill {}\ntract {}\ntarget {}-{}\nkernels {kernels}\n",
             env!("CARGO_PKG_VERSION"),
             TRACT_VERSION,
             std::env::consts::ARCH,
             std::env::consts::OS,
-            if quill_int8 {
-                "quill-int8-avx512vnni"
-            } else {
-                "tract"
-            },
         );
         for f in &m.files {
             key.push_str(&format!("file {} {} {:08x}\n", f.name, f.bytes, f.crc32));
@@ -137,6 +135,7 @@ impl Entry {
         Entry {
             tar: dir.join(format!("{base}.nnef.tar")),
             weights: dir.join(format!("{base}.weights")),
+            tables: dir.join(format!("{base}.tables")),
             key_file: dir.join(format!("{base}.key")),
             key,
             prefix: format!("{stem}-"),
@@ -161,15 +160,27 @@ impl Entry {
         if key != self.key {
             return Ok(None);
         }
-        // `<tar size> <tar crc> weights <size> <crc>`
+        // `<tar size> <tar crc> weights <size> <crc> tables <size> <crc>`
         let fields: Vec<&str> = check.split_whitespace().collect();
-        let [size, crc, "weights", weights_size, weights_crc] = fields[..] else {
+        let [
+            size,
+            crc,
+            "weights",
+            weights_size,
+            weights_crc,
+            "tables",
+            tables_size,
+            tables_crc,
+        ] = fields[..]
+        else {
             return Ok(None);
         };
-        let (Ok(size), Ok(weights_size), Ok(weights_crc)) = (
+        let (Ok(size), Ok(weights_size), Ok(weights_crc), Ok(tables_size), Ok(tables_crc)) = (
             size.parse::<u64>(),
             weights_size.parse::<usize>(),
             u32::from_str_radix(weights_crc, 16),
+            tables_size.parse::<usize>(),
+            u32::from_str_radix(tables_crc, 16),
         ) else {
             return Ok(None);
         };
@@ -194,11 +205,23 @@ impl Entry {
             }
             Ok(Some(model?))
         };
-        let read_weights = || match weights_size {
-            0 => Ok(Some(None)),
-            len => {
-                crate::packed::read_weights(&self.weights, len, weights_crc).map(|w| w.map(Some))
-            }
+        // `Some((weights, tables))` if both check, each `None` where the entry has none.
+        let read_weights = || -> anyhow::Result<Option<_>> {
+            let weights = match weights_size {
+                0 => None,
+                len => match crate::packed::read_weights(&self.weights, len, weights_crc)? {
+                    Some(w) => Some(w),
+                    None => return Ok(None),
+                },
+            };
+            let tables = match tables_size {
+                0 => None,
+                len => match crate::packed::map_tables(&self.tables, len, tables_crc)? {
+                    Some(t) => Some(t),
+                    None => return Ok(None),
+                },
+            };
+            Ok(Some((weights, tables)))
         };
         // Only entries with quill's int8 kernels have weights (x86-64 with AVX-512 VNNI), so
         // no thread is made where there is nothing to read (nor under qemu, see model.rs).
@@ -214,10 +237,10 @@ impl Entry {
                 anyhow::Ok((model?, weights?))
             })?
         };
-        let (Some(mut model), Some(weights)) = (model, weights) else {
+        let (Some(mut model), Some((weights, tables))) = (model, weights) else {
             return Ok(None);
         };
-        crate::packed::install(&mut model, weights)?;
+        crate::packed::install(&mut model, weights, tables)?;
         Ok(Some(model))
     }
 
@@ -227,10 +250,11 @@ impl Entry {
             for e in std::fs::read_dir(dir)?.flatten() {
                 let path = e.path();
                 let name = e.file_name().to_string_lossy().into_owned();
-                let ours = path == self.tar || path == self.key_file || path == self.weights;
-                let entry_file = name.ends_with(".nnef.tar")
-                    || name.ends_with(".key")
-                    || name.ends_with(".weights");
+                let ours =
+                    [&self.tar, &self.key_file, &self.weights, &self.tables].contains(&&path);
+                let entry_file = [".nnef.tar", ".key", ".weights", ".tables"]
+                    .iter()
+                    .any(|ext| name.ends_with(ext));
                 // `<prefix><8 hex digits>.…`: the same bundle name, not a longer one.
                 let same_bundle = name.strip_prefix(&self.prefix).is_some_and(|rest| {
                     rest.split_once('.').is_some_and(|(hash, _)| {
@@ -249,17 +273,24 @@ impl Entry {
             crate::packed::write_weights(model, w)?;
             Ok(())
         })?;
+        let (tables_size, tables_crc) = write_crc(&self.tables, |w| {
+            crate::packed::write_tables(model, w)?;
+            Ok(())
+        })?;
         let (size, crc) = write_crc(&self.tar, |w| {
             nnef()
                 .write_to_tar(model, &mut *w)
                 .map_err(|e| anyhow::anyhow!("{e:#}"))?;
             Ok(())
         })?;
-        if weights_size == 0 {
-            let _ = std::fs::remove_file(&self.weights);
+        for (size, path) in [(weights_size, &self.weights), (tables_size, &self.tables)] {
+            if size == 0 {
+                let _ = std::fs::remove_file(path);
+            }
         }
         let key = format!(
-            "{}entry {size} {crc:08x} weights {weights_size} {weights_crc:08x}\n",
+            "{}entry {size} {crc:08x} weights {weights_size} {weights_crc:08x} \
+             tables {tables_size} {tables_crc:08x}\n",
             self.key
         );
         crate::atomic::write_file(&self.key_file, key.as_bytes())?;

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod cache;
 pub mod chat;
 pub mod cli;
+pub mod embedding;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -375,9 +375,14 @@ fn prepare_cached(
     CacheUse,
     Option<PendingStore>,
 ) {
-    let quill_int8 = opts.quill_kernels && crate::kernels::vnni_available();
+    // The cached graph holds the ops `finish_plan` installs before it is stored.
+    let kernels = match (opts.quill_kernels, crate::kernels::vnni_available()) {
+        (true, true) => "quill-int8-avx512vnni quill-embedding",
+        (true, false) => "quill-embedding",
+        (false, _) => "tract",
+    };
     let entry = match &opts.cache_dir {
-        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle, quill_int8)),
+        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle, kernels)),
         _ => None,
     };
     let mut failed = None;
@@ -573,8 +578,10 @@ fn finish_plan(
         let n = crate::kernels::use_int8_kernels(&mut model, pool.clone())
             .context("installing quill's int8 kernel")?;
         lap("int8 packing");
+        crate::embedding::use_embedding(&mut model).context("installing quill's embedding")?;
         // The load cache keeps the graph from here: the int8 kernels installed, their weights
-        // packed (a warm load reads them as they are, see `packed.rs`).
+        // packed (a warm load reads them as they are), the embedding table in a file of its
+        // own (a warm load maps it), see `packed.rs`.
         if store(&model) {
             lap("cache write");
         }

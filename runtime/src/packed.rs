@@ -11,6 +11,10 @@
 //! never held twice (the cold load reads the ONNX weights, packs them and gives the originals
 //! back page by page). tract's reader builds a [`PackedRef`] placeholder for each op;
 //! [`install`] turns the placeholders into [`Int8Linear`]s over the arena's ranges.
+//!
+//! The int8 embedding table ([`Embedding`], `quill_embedding(ids, rows, cols, at)`) goes into
+//! a third file, the tables file, which a warm load memory-maps instead of reading
+//! ([`map_tables`]): only the rows a conversation uses become resident.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -19,10 +23,14 @@ use std::sync::Arc;
 use tract_nnef::internal::*;
 
 use crate::arena::{Arena, Weights};
+use crate::embedding::{Embedding, Mapping, TABLE_ALIGN, Table};
 use crate::kernels::Int8Linear;
 
 /// The NNEF name of [`Int8Linear`].
 const OP_NAME: &str = "quill_int8_linear";
+
+/// The NNEF name of [`Embedding`].
+const EMBEDDING: &str = "quill_embedding";
 
 /// The NNEF registry of quill's ops (the load cache reads and writes graphs with it).
 pub fn registry() -> Registry {
@@ -42,7 +50,84 @@ pub fn registry() -> Registry {
         &[("output", TypeName::Integer.tensor())],
         load,
     );
+    reg.register_dumper(dump_embedding);
+    reg.register_primitive(
+        EMBEDDING,
+        &[
+            TypeName::Integer.tensor().named("ids"),
+            TypeName::Integer.named("rows"),
+            TypeName::Integer.named("cols"),
+            TypeName::Integer.named("at"),
+        ],
+        &[("output", TypeName::Integer.tensor())],
+        load_embedding,
+    );
     reg
+}
+
+fn dump_embedding(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &Embedding,
+) -> TractResult<Option<Arc<RValue>>> {
+    let ids = ast.mapping[&node.inputs[0]].clone();
+    let (rows, cols) = op.dims();
+    Ok(Some(invocation(
+        EMBEDDING,
+        &[ids],
+        &[
+            ("rows", numeric(rows)),
+            ("cols", numeric(cols)),
+            ("at", numeric(op.at())),
+        ],
+    )))
+}
+
+fn load_embedding(
+    builder: &mut ModelBuilder,
+    invocation: &ResolvedInvocation,
+) -> TractResult<Value> {
+    let ids = invocation.named_arg_as(builder, "ids")?;
+    let rows: usize = invocation.named_arg_as(builder, "rows")?;
+    let cols: usize = invocation.named_arg_as(builder, "cols")?;
+    let at: usize = invocation.named_arg_as(builder, "at")?;
+    builder.wire(TableRef { rows, cols, at }, &[ids])
+}
+
+/// An [`Embedding`] read from the cache's graph, before its table is mapped ([`install`]);
+/// it cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRef {
+    rows: usize,
+    cols: usize,
+    /// Where its `rows · cols` bytes start in the tables file.
+    at: usize,
+}
+
+impl Op for TableRef {
+    fn name(&self) -> StaticName {
+        "QuillTableRef".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for TableRef {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, _inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        bail!("quill's embedding was read from the load cache but its table was never mapped")
+    }
+}
+
+impl TypedOp for TableRef {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
+        shape.push(self.cols.into());
+        Ok(tvec!(i8::fact(&shape)))
+    }
+
+    as_op!();
 }
 
 fn dump(ast: &mut IntoAst, node: &TypedNode, op: &Int8Linear) -> TractResult<Option<Arc<RValue>>> {
@@ -138,9 +223,41 @@ impl TypedOp for PackedRef {
 }
 
 /// Replaces every [`PackedRef`] of `model` by an [`Int8Linear`] over its range of `weights`
-/// (the whole weights file, [`read_weights`]); returns how many. The ranges must tile the file
-/// exactly, in order.
-pub fn install(model: &mut TypedModel, weights: Option<Weights>) -> TractResult<usize> {
+/// (the whole weights file, [`read_weights`]), and every [`TableRef`] by an [`Embedding`] over
+/// its range of `tables` (the mapped tables file, [`map_tables`]); returns how many of the
+/// first. The packed ranges must tile the weights file exactly, in order.
+pub fn install(
+    model: &mut TypedModel,
+    weights: Option<Weights>,
+    tables: Option<Arc<Mapping>>,
+) -> TractResult<usize> {
+    for id in 0..model.nodes().len() {
+        let Some(r) = model.node(id).op_as::<TableRef>().cloned() else {
+            continue;
+        };
+        let map = tables
+            .clone()
+            .context("the cached graph has an embedding but there is no tables file")?;
+        let len = r.rows * r.cols;
+        ensure!(
+            r.at.checked_add(len)
+                .is_some_and(|end| end <= map.bytes().len()),
+            "an embedding table at byte {} runs past the tables file ({} bytes)",
+            r.at,
+            map.bytes().len()
+        );
+        let table = Table::Mapped {
+            map,
+            offset: r.at,
+            len,
+        };
+        let op = Embedding::new(r.rows, r.cols, table, r.at).context("an empty embedding")?;
+        model.node_mut(id).op = Box::new(op);
+    }
+    install_packed(model, weights)
+}
+
+fn install_packed(model: &mut TypedModel, weights: Option<Weights>) -> TractResult<usize> {
     let mut refs: Vec<(usize, usize)> = model
         .nodes()
         .iter()
@@ -215,6 +332,55 @@ pub fn write_weights(model: &TypedModel, w: &mut impl Write) -> anyhow::Result<u
     Ok(at)
 }
 
+/// Writes the table of every [`Embedding`] of `model` to `w` at its `at`, zeros between: the
+/// tables file. Returns the bytes written (0: the model has none).
+pub fn write_tables(model: &TypedModel, w: &mut impl Write) -> anyhow::Result<usize> {
+    let mut ops: Vec<&Embedding> = model
+        .nodes()
+        .iter()
+        .filter_map(|node| node.op_as::<Embedding>())
+        .collect();
+    ops.sort_unstable_by_key(|op| op.at());
+    let mut at = 0;
+    for op in ops {
+        anyhow::ensure!(
+            op.at() >= at && op.at().is_multiple_of(TABLE_ALIGN),
+            "an embedding table at byte {}, expected {at} or after, page-aligned",
+            op.at()
+        );
+        w.write_all(&vec![0u8; op.at() - at])?;
+        let table = op.table();
+        // SAFETY: i8 and u8 have the same size, alignment and valid bit patterns.
+        let bytes = unsafe { std::slice::from_raw_parts(table.as_ptr().cast::<u8>(), table.len()) };
+        w.write_all(bytes)?;
+        at = op.at() + table.len();
+    }
+    Ok(at)
+}
+
+/// The tables file at `path`, memory-mapped after its bytes are checked (read through a small
+/// buffer: from the page cache, without making the mapping resident); `None` if the file has
+/// another size or its CRC-32 is not `crc`.
+pub fn map_tables(path: &Path, len: usize, crc: u32) -> anyhow::Result<Option<Arc<Mapping>>> {
+    let mut file = std::fs::File::open(path)?;
+    if file.metadata()?.len() != len as u64 {
+        return Ok(None);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        file.read_exact(&mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        left -= n;
+    }
+    if hasher.finalize() != crc {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(Mapping::new(&file, len)?)))
+}
+
 /// The weights file at `path` in a new arena (huge pages where Linux gives them), as one range
 /// of `len` bytes; `None` if the file has another size or its CRC-32 is not `crc`.
 pub fn read_weights(path: &Path, len: usize, crc: u32) -> anyhow::Result<Option<Weights>> {
@@ -268,17 +434,17 @@ mod tests {
         let b = model.wire_node("b", placeholder(k * n + 1), &[x]).unwrap()[0];
         model.select_output_outlets(&[a, b]).unwrap();
         let file = |len| Weights::alone(len).unwrap();
-        let err = install(&mut model.clone(), Some(file(2 * k * n + 1))).unwrap_err();
+        let err = install(&mut model.clone(), Some(file(2 * k * n + 1)), None).unwrap_err();
         assert!(format!("{err}").contains("expected 256"), "{err}");
-        assert!(install(&mut model.clone(), None).is_err());
+        assert!(install(&mut model.clone(), None, None).is_err());
 
         let mut model = TypedModel::default();
         let x = model.add_source("x", i8::fact([1, k])).unwrap();
         let a = model.wire_node("a", placeholder(0), &[x]).unwrap()[0];
         model.select_output_outlets(&[a]).unwrap();
         // A file longer than its ops.
-        assert!(install(&mut model.clone(), Some(file(k * n + 64))).is_err());
-        assert_eq!(install(&mut model, Some(file(k * n))).unwrap(), 1);
+        assert!(install(&mut model.clone(), Some(file(k * n + 64)), None).is_err());
+        assert_eq!(install(&mut model, Some(file(k * n)), None).unwrap(), 1);
         assert!(model.node(a.node).op_is::<Int8Linear>());
     }
 }

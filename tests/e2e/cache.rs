@@ -53,6 +53,15 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
         "The lighthouse keeper climbed the stairs every evening.",
         false,
     );
+    // The embedding's table is read from a memory map of the entry's tables file.
+    let embedding = warm
+        .typed_model()
+        .nodes()
+        .iter()
+        .find(|n| n.op.name() == "QuillEmbedding")
+        .expect("quill's embedding in the cached graph");
+    let info = embedding.op.info().unwrap().join(" ");
+    assert!(info.contains("mapped"), "{info}");
     let d = max_abs_diff(&logits(plain, &ids), &logits(&warm, &ids));
     eprintln!("warm (cached) vs ONNX load: max |logit diff| {d:.2e}");
     assert!(
@@ -76,12 +85,24 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
     drop(rebuilt);
     assert_eq!(Model::load(bundle, &opts).unwrap().cache, CacheUse::Hit);
 
+    // The embedding table is a file of its own: one byte flipped and the entry is rebuilt.
+    let entry_file = |ext: &str| {
+        fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(ext))
+    };
+    let tables = entry_file(".tables").expect("the entry's tables file");
+    let mut bytes = fs::read(&tables).unwrap();
+    bytes[12_345] ^= 0x10;
+    fs::write(&tables, &bytes).unwrap();
+    let rebuilt = Model::load(bundle, &opts).unwrap();
+    assert_eq!(rebuilt.cache, CacheUse::Stored);
+    drop(rebuilt);
+
     // With quill's int8 kernels (AVX-512 VNNI), the packed weights are a file of their own:
     // one byte flipped, or the file cut short, and the entry is rebuilt too.
-    let weights = fs::read_dir(&cache)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".weights"));
+    let weights = entry_file(".weights");
     assert_eq!(
         weights.is_some(),
         quill::kernels::vnni_available(),
