@@ -22,7 +22,7 @@
 //!   computed exactly as on one thread, so the output does not depend on the thread count.
 //!   With an int8 cache a pair's positions are always computed in two halves put together
 //!   after ([`attend_q8`], [`merge_halves`]), and a decode step splits the halves themselves
-//!   over the threads (its three kv heads left one of two threads idle a third of the time).
+//!   over the threads (its three kv heads left one of two threads idle half the time).
 //! - Kernels: the dot products in `std::arch` (AVX2 + FMA on x86-64, chosen at run time; NEON
 //!   on aarch64), four vector accumulators and one horizontal sum; the softmax's `exp` is a
 //!   polynomial within 2 ulp of `f32::exp` that vectorizes; the weighted sum of values keeps a
@@ -257,7 +257,7 @@ impl Step<'_> {
             let at = if half == 0 {
                 Cache {
                     visible: mid,
-                    then: (mid / KV_BLOCK, g),
+                    then: next_after_first_half(mid, at.visible, g),
                     ..at
                 }
             } else {
@@ -950,10 +950,11 @@ fn attend(
         let mut stats = std::mem::take(&mut q8.stats);
         stats.resize(4 * group, 0.0);
         let (st0, st1) = stats.split_at_mut(2 * group);
-        let o1 = &mut scratch[..group * at.head_dim];
+        let mut o1 = std::mem::take(&mut q8.second);
+        o1.resize(group * at.head_dim, 0.0);
         let first = Cache {
             visible: mid,
-            then: (mid / KV_BLOCK, at.head),
+            then: next_after_first_half(mid, at.visible, at.head),
             ..at
         };
         attend_q8(qs, k, v, first, scores, os, st0, q8);
@@ -962,9 +963,10 @@ fn attend(
             then: (0, at.head + 1),
             ..at
         };
-        attend_q8(qs, k, v, second, scores, o1, st1, q8);
-        merge_halves(os, st0, o1, st1, at.head_dim);
+        attend_q8(qs, k, v, second, scores, &mut o1, st1, q8);
+        merge_halves(os, st0, &o1, st1, at.head_dim);
         q8.stats = stats;
+        q8.second = o1;
         return;
     }
     debug_assert_eq!(
@@ -1120,8 +1122,10 @@ pub struct Query8 {
     factor: Vec<f32>,
     /// `(group, KV_BLOCK)` integer dot products of one block.
     dots: Vec<i32>,
-    /// Both halves' `(2, group)` maxima and sums ([`attend`]).
+    /// Both halves' `(2, group)` maxima and sums, and the second half's `(group, d)` sums
+    /// ([`attend`]).
     stats: Vec<f32>,
+    second: Vec<f32>,
 }
 
 /// [`attend`] over an int8 cache: `s_tj = (q8_t·k8_j) · k_scale_j · (scale · q_scale_t)`, the
@@ -1243,6 +1247,16 @@ fn attend_q8_impl<const FUSED: bool>(
     weigh_values_q8::<FUSED>(scores, v, at, os, vnni, &stream)
 }
 
+/// The block a step reads after the first half's values (for prefetching): the second half's
+/// first keys, or the next kv head's when the second half is empty.
+fn next_after_first_half(mid: usize, visible: usize, head: usize) -> (usize, usize) {
+    if mid < visible {
+        (mid / KV_BLOCK, head)
+    } else {
+        (0, head + 1)
+    }
+}
+
 /// Where [`attend_q8`] splits `visible` positions in two (a block boundary; the second half
 /// is empty below two blocks). It depends on `visible` alone, so a query row gets the same
 /// result whether its halves run on one thread or two, in prefill or in decode.
@@ -1278,16 +1292,13 @@ fn softmax_part(scores: &mut [f32], n: usize, mask: Option<(&[f32], usize)>, sta
 /// `o = (o₀·w₀ + o₁·w₁) / (l₀·w₀ + l₁·w₁)` with `wᵢ = exp(mᵢ − max(m₀, m₁))`, per row of
 /// `o0 (group, d)` (the first half's sums, overwritten) and `o1`, `statsᵢ (2, group)` their
 /// maxima and sums ([`softmax_part`]): the softmax-weighted values over both halves. Zeros
-/// where nothing is visible; NaN where a score was. The same operations in the same order on
-/// every target.
+/// where nothing is visible. (A NaN score weighs next to nothing, as in the f32 cache's softmax:
+/// the maxima skip it and `exp` takes it as its lower bound.) The same operations in the same
+/// order on every target.
 fn merge_halves(o0: &mut [f32], stats0: &[f32], o1: &[f32], stats1: &[f32], d: usize) {
     let group = stats0.len() / 2;
     for (t, (o0, o1)) in o0.chunks_exact_mut(d).zip(o1.chunks_exact(d)).enumerate() {
         let (m0, l0, m1, l1) = (stats0[t], stats0[group + t], stats1[t], stats1[group + t]);
-        if m0.is_nan() || m1.is_nan() {
-            o0.fill(f32::NAN);
-            continue;
-        }
         let m = m0.max(m1);
         if m == f32::NEG_INFINITY {
             o0.fill(0.0);
@@ -1936,7 +1947,7 @@ mod tests {
 
     /// A cache of `len` positions appended in chunks of 1 to 70 (crossing block boundaries
     /// mid-chunk), from `(1, kv_heads, chunk, d)` tensors as the graph gives them.
-    pub(crate) fn cache(
+    pub(super) fn cache(
         len: usize,
         kv_heads: usize,
         d: usize,
@@ -2122,6 +2133,46 @@ mod tests {
             &mut Query8::default(),
         );
         assert!(os.iter().all(|&x| x == 0.0), "{os:?}");
+
+        // An int8 cache over 130 positions (halves 0..128 and 128..130): the mask's columns
+        // line up with the positions in both halves. Equal keys, values zero but at 100 (first
+        // half) and 129 (second half).
+        let n = 130;
+        let ones: Vec<f32> = vec![1.0; n * d];
+        let mut vals = vec![0.0f32; n * d];
+        vals[100 * d..101 * d].fill(5.0);
+        vals[129 * d..130 * d].fill(-3.0);
+        let mut k = Blocks::new(KvCacheFormat::Int8, true);
+        let mut v = Blocks::new(KvCacheFormat::Int8, false);
+        KvAttentionState::append(&mut k, 0, &ones, 1, n, d);
+        KvAttentionState::append(&mut v, 0, &vals, 1, n, d);
+        // Head 0 may not see 100, head 1 not 129.
+        let mut mask = vec![0.0f32; 2 * n];
+        mask[100] = f32::NEG_INFINITY;
+        mask[n + 129] = f32::NEG_INFINITY;
+        let at = Cache {
+            visible: n,
+            mask: Some((&mask, n)),
+            ..at
+        };
+        attend(
+            &qs,
+            &k,
+            &v,
+            at,
+            &mut scores,
+            &mut scratch,
+            &mut os,
+            &mut Query8::default(),
+        );
+        let want = [-3.0 / 129.0, 5.0 / 129.0];
+        for (t, w) in want.iter().enumerate() {
+            let o = &os[t * d..][..d];
+            assert!(
+                o.iter().all(|&x| (x - w).abs() < 1e-3),
+                "head {t}: {o:?}, want {w}"
+            );
+        }
     }
 
     #[test]

@@ -3,22 +3,28 @@
 //!
 //! Loading a bundle spends most of its time turning the ONNX graph into a graph tract can
 //! optimize (parse, type, declutter, move the KV cache into tract's state: about 1.5 s of the
-//! int8 teacher's 2.3 s on this machine). That form does not depend on the CPU, the thread count
-//! or the context, so quill saves it once, as NNEF (tract's own serialization, with the
-//! `tract_core`, `tract_transformers` and ONNX extensions), and later loads start from it.
+//! int8 teacher's 2.3 s on this machine). That form does not depend on the thread count or the
+//! context, so quill saves it once, as NNEF (tract's own serialization, with the `tract_core`,
+//! `tract_transformers`, ONNX and `quill` extensions), and later loads start from it.
 //!
-//! Where quill's int8 kernels run (AVX-512 VNNI), the saved graph has them installed and their
-//! packed weights go into a file of their own beside the tar (`packed.rs`): a warm load reads
-//! those 135 MB straight into memory where they stay, instead of reading them as tract tensors
-//! and packing them again (int8 teacher, 1 thread: load 0.50 → 0.29 s).
+//! The saved graph has quill's own ops installed (`packed.rs`). Where quill's int8 kernels run
+//! (AVX-512 VNNI), their packed weights go into a file of their own beside the tar: a warm load
+//! reads those 135 MB straight into memory where they stay, instead of reading them as tract
+//! tensors and packing them again (int8 teacher, 1 thread: load 0.50 → 0.27 s). The int8
+//! embedding's table goes into a third file, which a warm load memory-maps.
 //!
-//! An entry is `<dir>/<bundle name>-<key CRC>.nnef.tar`, maybe a `.weights` file, and a `.key`
-//! file holding the full key — the bundle's files (names, sizes, CRC-32s from its verified
-//! manifest), quill's and tract's versions, the target and whether quill's int8 kernels are
-//! in the graph — and both files' sizes and CRC-32s. An entry is used only if its
-//! key matches exactly and its bytes check; otherwise it is rebuilt and replaced. Entries are
+//! An entry is `<dir>/<bundle name>-<ops>-<key CRC>.nnef.tar`, maybe `.weights` and `.tables`
+//! files, and a `.key` file holding the full key — the bundle's files (names, sizes, CRC-32s
+//! from its verified manifest), quill's and tract's versions, the format of quill's files
+//! ([`FORMAT`]), the target and which of quill's ops the graph holds — and the three files'
+//! sizes and CRC-32s. An entry is used only if its key matches exactly and its bytes check;
+//! otherwise it is rebuilt and replaced (one entry per bundle name and set of ops). Entries are
 //! written atomically. The cache can never make a load fail: an unreadable or unwritable cache
 //! is reported in [`CacheUse`] and the bundle is loaded from its ONNX graph as without one.
+//!
+//! The tables file is mapped, not read: quill never writes into an entry's files (it renames
+//! new ones over them), and nothing else may either while quill runs — a file truncated under
+//! the mapping would end the process at its next lookup.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -57,6 +63,11 @@ impl<W: std::io::Write> std::io::Write for Crc<W> {
 /// The tract release quill is built with (Cargo.toml pins it; a test checks Cargo.lock agrees):
 /// a cached graph is only read back by the release that wrote it.
 pub const TRACT_VERSION: &str = "0.23.9";
+
+/// The version of quill's own cached forms: the packed weights' layout, the NNEF forms of
+/// quill's ops and the tables file. Part of every key; raise it whenever one of them changes,
+/// so that older entries (which would still check) are rebuilt.
+pub const FORMAT: u32 = 1;
 
 /// What the cache did during a load.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,18 +111,20 @@ pub struct Entry {
     tables: PathBuf,
     key_file: PathBuf,
     key: String,
-    /// `<bundle name>-`: entries of earlier versions of the bundle start with it.
+    /// `<bundle name>-<ops>-`: entries of earlier versions of the bundle start with it.
     prefix: String,
+    /// `<bundle name>-`: entries written before the ops were part of the name.
+    legacy_prefix: String,
 }
 
 impl Entry {
-    /// The entry of `bundle` in `dir`; `kernels` names the ops the load installs before the
-    /// cached form (the cached graph holds them: quill's int8 kernels, their weights packed for
-    /// this CPU, and its embedding).
-    pub fn new(dir: &Path, bundle: &Bundle, kernels: &str) -> Entry {
+    /// The entry of `bundle` in `dir`; `ops` names the quill ops the load installs before the
+    /// cached form, in letters, digits and `-` (the cached graph holds them: quill's int8
+    /// kernels with their weights packed for this CPU, its embedding).
+    pub fn new(dir: &Path, bundle: &Bundle, ops: &str) -> Entry {
         let m = &bundle.manifest;
         let mut key = format!(
-            "quill {}\ntract {}\ntarget {}-{}\nkernels {kernels}\n",
+            "quill {}\ntract {}\nquill-format {FORMAT}\ntarget {}-{}\nops {ops}\n",
             env!("CARGO_PKG_VERSION"),
             TRACT_VERSION,
             std::env::consts::ARCH,
@@ -131,14 +144,15 @@ impl Entry {
                 }
             })
             .collect();
-        let base = format!("{stem}-{:08x}", crc32fast::hash(key.as_bytes()));
+        let base = format!("{stem}-{ops}-{:08x}", crc32fast::hash(key.as_bytes()));
         Entry {
             tar: dir.join(format!("{base}.nnef.tar")),
             weights: dir.join(format!("{base}.weights")),
             tables: dir.join(format!("{base}.tables")),
             key_file: dir.join(format!("{base}.key")),
             key,
-            prefix: format!("{stem}-"),
+            prefix: format!("{stem}-{ops}-"),
+            legacy_prefix: format!("{stem}-"),
         }
     }
 
@@ -244,6 +258,10 @@ impl Entry {
         Ok(Some(model))
     }
 
+    /// Saves `model` (atomically: a reader sees the old entry or the new one), and removes the
+    /// entries of other versions of the same bundle with the same ops (same name, other files
+    /// or releases) and the staging files of writers that crashed, so the cache holds one entry
+    /// per bundle name and set of ops.
     pub fn store(&self, model: &TypedModel) -> anyhow::Result<()> {
         if let Some(dir) = self.tar.parent() {
             std::fs::create_dir_all(dir)?;
@@ -252,16 +270,25 @@ impl Entry {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let ours =
                     [&self.tar, &self.key_file, &self.weights, &self.tables].contains(&&path);
+                // A staging file a crashed writer left: `<file>.partial-<pid>` of a process
+                // that is gone.
+                let (name, left_behind) = match name.rsplit_once(".partial-") {
+                    Some((file, pid)) => (file.to_owned(), writer_is_gone(pid)),
+                    None => (name, true),
+                };
                 let entry_file = [".nnef.tar", ".key", ".weights", ".tables"]
                     .iter()
                     .any(|ext| name.ends_with(ext));
-                // `<prefix><8 hex digits>.…`: the same bundle name, not a longer one.
-                let same_bundle = name.strip_prefix(&self.prefix).is_some_and(|rest| {
-                    rest.split_once('.').is_some_and(|(hash, _)| {
-                        hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit())
+                // `<prefix><8 hex digits>.…`: the same bundle name (and ops), not a longer one.
+                let hashed = |prefix: &str| {
+                    name.strip_prefix(prefix).is_some_and(|rest| {
+                        rest.split_once('.').is_some_and(|(hash, _)| {
+                            hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit())
+                        })
                     })
-                });
-                if !ours && entry_file && same_bundle {
+                };
+                let same_bundle = hashed(&self.prefix) || hashed(&self.legacy_prefix);
+                if !ours && entry_file && same_bundle && left_behind {
                     let _ = std::fs::remove_file(&path);
                 }
             }
@@ -296,6 +323,17 @@ impl Entry {
         crate::atomic::write_file(&self.key_file, key.as_bytes())?;
         Ok(())
     }
+}
+
+/// Whether the process that named a staging file `….partial-<pid>` has ended (on Linux, where
+/// `/proc` tells; elsewhere the file is left alone). Never this process.
+fn writer_is_gone(pid: &str) -> bool {
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    cfg!(target_os = "linux")
+        && pid != std::process::id()
+        && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Writes `path` atomically with `write`, returning its size and CRC-32.

@@ -97,9 +97,11 @@ impl Mapping {
         }
         #[cfg(not(unix))]
         {
-            use std::io::Read;
+            use std::io::{Read, Seek};
             let mut bytes = vec![0u8; len];
-            (&*file).read_exact(&mut bytes)?;
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(0))?;
+            file.read_exact(&mut bytes)?;
             let vec: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
             Ok(Mapping {
                 ptr: vec.as_ptr(),

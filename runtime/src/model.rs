@@ -376,13 +376,15 @@ fn prepare_cached(
     Option<PendingStore>,
 ) {
     // The cached graph holds the ops `finish_plan` installs before it is stored.
-    let kernels = match (opts.quill_kernels, crate::kernels::vnni_available()) {
-        (true, true) => "quill-int8-avx512vnni quill-embedding",
-        (true, false) => "quill-embedding",
+    // (`vnni`: quill's int8 kernels for AVX-512 VNNI and its embedding; `quill`: the embedding;
+    // `tract`: none.)
+    let ops = match (opts.quill_kernels, crate::kernels::vnni_available()) {
+        (true, true) => "vnni",
+        (true, false) => "quill",
         (false, _) => "tract",
     };
     let entry = match &opts.cache_dir {
-        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle, kernels)),
+        Some(dir) if opts.verify => Some(cache::Entry::new(dir, bundle, ops)),
         _ => None,
     };
     let mut failed = None;
@@ -579,6 +581,7 @@ fn finish_plan(
             .context("installing quill's int8 kernel")?;
         lap("int8 packing");
         crate::embedding::use_embedding(&mut model).context("installing quill's embedding")?;
+        lap("embedding");
         // The load cache keeps the graph from here: the int8 kernels installed, their weights
         // packed (a warm load reads them as they are), the embedding table in a file of its
         // own (a warm load maps it), see `packed.rs`.

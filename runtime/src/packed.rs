@@ -225,7 +225,7 @@ impl TypedOp for PackedRef {
 /// Replaces every [`PackedRef`] of `model` by an [`Int8Linear`] over its range of `weights`
 /// (the whole weights file, [`read_weights`]), and every [`TableRef`] by an [`Embedding`] over
 /// its range of `tables` (the mapped tables file, [`map_tables`]); returns how many of the
-/// first. The packed ranges must tile the weights file exactly, in order.
+/// first. The packed ranges must not overlap and must end with the weights file.
 pub fn install(
     model: &mut TypedModel,
     weights: Option<Weights>,
@@ -238,7 +238,10 @@ pub fn install(
         let map = tables
             .clone()
             .context("the cached graph has an embedding but there is no tables file")?;
-        let len = r.rows * r.cols;
+        let len = r
+            .rows
+            .checked_mul(r.cols)
+            .context("an embedding of impossible size")?;
         ensure!(
             r.at.checked_add(len)
                 .is_some_and(|end| end <= map.bytes().len()),
@@ -280,15 +283,19 @@ fn install_packed(model: &mut TypedModel, weights: Option<Weights>) -> TractResu
             .expect("collected above")
             .clone();
         ensure!(
-            r.at == at,
-            "packed weights at byte {}, expected {at} (the ranges must follow each other)",
+            r.at >= at,
+            "packed weights at byte {}, expected {at} or after (the ranges overlap)",
             r.at
         );
-        let (packed, tail) = rest
-            .split_at(r.k * r.n)
-            .with_context(|| format!("packed weights at byte {at} run past the weights file"))?;
+        let len =
+            r.k.checked_mul(r.n)
+                .context("packed weights of impossible size")?;
+        let past_the_end = || format!("packed weights at byte {} run past the weights file", r.at);
+        // A gap (zeros in the file) is skipped.
+        let (_, tail) = rest.split_at(r.at - at).with_context(past_the_end)?;
+        let (packed, tail) = tail.split_at(len).with_context(past_the_end)?;
         rest = tail;
-        at += r.k * r.n;
+        at = r.at + len;
         let offsets = r
             .column_offsets
             .try_as_plain_ram()?
@@ -306,8 +313,9 @@ fn install_packed(model: &mut TypedModel, weights: Option<Weights>) -> TractResu
     Ok(refs.len())
 }
 
-/// Writes the packed weights of every [`Int8Linear`] of `model` to `w`, in arena order: the
-/// weights file. Returns the bytes written (0: the model has none).
+/// Writes the packed weights of every [`Int8Linear`] of `model` to `w` at their offsets in the
+/// arena (zeros where a range is no longer used): the weights file. Returns the bytes written
+/// (0: the model has none).
 pub fn write_weights(model: &TypedModel, w: &mut impl Write) -> anyhow::Result<usize> {
     let mut ops: Vec<&Int8Linear> = model
         .nodes()
@@ -319,15 +327,16 @@ pub fn write_weights(model: &TypedModel, w: &mut impl Write) -> anyhow::Result<u
     for op in ops {
         let packed = op.packed();
         anyhow::ensure!(
-            packed.start() == at,
-            "packed weights at byte {} of the arena, expected {at}",
+            packed.start() >= at,
+            "packed weights at byte {} of the arena overlap the previous ones (up to {at})",
             packed.start()
         );
+        w.write_all(&vec![0u8; packed.start() - at])?;
         // SAFETY: i8 and u8 have the same size, alignment and valid bit patterns.
         let bytes =
             unsafe { std::slice::from_raw_parts(packed.as_ptr().cast::<u8>(), packed.len()) };
         w.write_all(bytes)?;
-        at += packed.len();
+        at = packed.start() + packed.len();
     }
     Ok(at)
 }
@@ -362,7 +371,9 @@ pub fn write_tables(model: &TypedModel, w: &mut impl Write) -> anyhow::Result<us
 /// buffer: from the page cache, without making the mapping resident); `None` if the file has
 /// another size or its CRC-32 is not `crc`.
 pub fn map_tables(path: &Path, len: usize, crc: u32) -> anyhow::Result<Option<Arc<Mapping>>> {
-    let mut file = std::fs::File::open(path)?;
+    let Some(mut file) = open(path)? else {
+        return Ok(None);
+    };
     if file.metadata()?.len() != len as u64 {
         return Ok(None);
     }
@@ -371,29 +382,44 @@ pub fn map_tables(path: &Path, len: usize, crc: u32) -> anyhow::Result<Option<Ar
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
-        file.read_exact(&mut buf[..n])?;
+        file.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", path.display()))?;
         hasher.update(&buf[..n]);
         left -= n;
     }
     if hasher.finalize() != crc {
         return Ok(None);
     }
-    Ok(Some(Arc::new(Mapping::new(&file, len)?)))
+    let map = Mapping::new(&file, len).with_context(|| format!("mapping {}", path.display()))?;
+    Ok(Some(Arc::new(map)))
+}
+
+/// `path` opened for reading; `None` if it is not there (another process may have replaced the
+/// entry since its key was read).
+fn open(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("opening {}", path.display()))),
+    }
 }
 
 /// The weights file at `path` in a new arena (huge pages where Linux gives them), as one range
 /// of `len` bytes; `None` if the file has another size or its CRC-32 is not `crc`.
 pub fn read_weights(path: &Path, len: usize, crc: u32) -> anyhow::Result<Option<Weights>> {
-    let mut file = std::fs::File::open(path)?;
+    let Some(mut file) = open(path)? else {
+        return Ok(None);
+    };
     if file.metadata()?.len() != len as u64 {
         return Ok(None);
     }
-    let arena = Arc::new(Arena::new(len)?);
+    let arena = Arc::new(Arena::new(len).context("mapping memory for the packed weights")?);
     let mut weights = arena.take(len).expect("the arena is this size");
     let mut hasher = crc32fast::Hasher::new();
     // 8 MB at a time: the CRC runs on bytes still in the cache.
     for chunk in weights.as_bytes_mut().chunks_mut(8 << 20) {
-        file.read_exact(chunk)?;
+        file.read_exact(chunk)
+            .with_context(|| format!("reading {}", path.display()))?;
         hasher.update(chunk);
     }
     Ok((hasher.finalize() == crc).then_some(weights))
@@ -418,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn placeholders_must_tile_the_weights_file() {
+    fn placeholders_must_not_overlap_nor_leave_bytes_over() {
         let k = 8;
         let n = 32;
         let mut model = TypedModel::default();
@@ -430,13 +456,24 @@ mod tests {
             column_offsets: rctensor1(&[0i32; 32]),
         };
         let a = model.wire_node("a", placeholder(0), &[x]).unwrap()[0];
-        // Starts one byte late: a gap in the file.
-        let b = model.wire_node("b", placeholder(k * n + 1), &[x]).unwrap()[0];
+        // Starts one byte early: the ranges overlap.
+        let b = model.wire_node("b", placeholder(k * n - 1), &[x]).unwrap()[0];
         model.select_output_outlets(&[a, b]).unwrap();
         let file = |len| Weights::alone(len).unwrap();
-        let err = install(&mut model.clone(), Some(file(2 * k * n + 1)), None).unwrap_err();
-        assert!(format!("{err}").contains("expected 256"), "{err}");
+        let err = install(&mut model.clone(), Some(file(2 * k * n - 1)), None).unwrap_err();
+        assert!(format!("{err}").contains("overlap"), "{err}");
         assert!(install(&mut model.clone(), None, None).is_err());
+
+        // A gap (a range no longer used when the file was written) is skipped.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", i8::fact([1, k])).unwrap();
+        let a = model.wire_node("a", placeholder(0), &[x]).unwrap()[0];
+        let b = model.wire_node("b", placeholder(2 * k * n), &[x]).unwrap()[0];
+        model.select_output_outlets(&[a, b]).unwrap();
+        assert!(install(&mut model.clone(), Some(file(3 * k * n - 1)), None).is_err());
+        assert_eq!(install(&mut model, Some(file(3 * k * n)), None).unwrap(), 2);
+        let b_op = model.node(b.node).op_as::<Int8Linear>().unwrap();
+        assert_eq!(b_op.packed().start(), 2 * k * n);
 
         let mut model = TypedModel::default();
         let x = model.add_source("x", i8::fact([1, k])).unwrap();

@@ -93,12 +93,25 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
             .find(|p| p.to_string_lossy().ends_with(ext))
     };
     let tables = entry_file(".tables").expect("the entry's tables file");
+    // What a writer killed mid-store leaves (a process that no longer exists), and what a
+    // live one is writing (pid 1 stands for it): the next store removes the first only.
+    let staged = |pid: u32| {
+        let mut name = tables.file_name().unwrap().to_os_string();
+        name.push(format!(".partial-{pid}"));
+        tables.with_file_name(name)
+    };
+    let (dead, live) = (staged(99_999_999), staged(1));
+    fs::write(&dead, b"left behind").unwrap();
+    fs::write(&live, b"being written").unwrap();
     let mut bytes = fs::read(&tables).unwrap();
     bytes[12_345] ^= 0x10;
     fs::write(&tables, &bytes).unwrap();
     let rebuilt = Model::load(bundle, &opts).unwrap();
     assert_eq!(rebuilt.cache, CacheUse::Stored);
     drop(rebuilt);
+    assert!(!dead.exists(), "a crashed writer's staging file is removed");
+    assert!(live.exists(), "a live writer's staging file is left alone");
+    fs::remove_file(&live).unwrap();
 
     // With quill's int8 kernels (AVX-512 VNNI), the packed weights are a file of their own:
     // one byte flipped, or the file cut short, and the entry is rebuilt too.
