@@ -2086,10 +2086,15 @@ mod tests {
         let mut v = vec![vec![0.0f32; KV_BLOCK * d].into_boxed_slice()];
         v[0][d..2 * d].fill(5.0); // position 1 is the only one with a non-zero value
         let v = Blocks::F32(v);
-        let mut scratch = vec![0.0; KV_BLOCK * d];
         let qs = vec![0.5f32; 2 * d]; // two heads
-        let mut os = vec![0.0; 2 * d];
-        let mut scores = Vec::new();
+        // Both heads' outputs `(2, d)`.
+        let run = |k: &Blocks, v: &Blocks, at: Cache<'_>| {
+            let (mut scores, mut scratch) = (Vec::new(), vec![0.0; KV_BLOCK * d]);
+            let mut os = vec![f32::NAN; 2 * d];
+            let mut q8 = Query8::default();
+            attend(&qs, k, v, at, &mut scores, &mut scratch, &mut os, &mut q8);
+            os
+        };
         // Head 0 may not see position 1; head 1 sees everything.
         let mask = [0.0, f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0];
         let at = Cache {
@@ -2101,16 +2106,7 @@ mod tests {
             scale: 1.0,
             mask: Some((&mask, 3)),
         };
-        attend(
-            &qs,
-            &k,
-            &v,
-            at,
-            &mut scores,
-            &mut scratch,
-            &mut os,
-            &mut Query8::default(),
-        );
+        let os = run(&k, &v, at);
         assert!(os[..d].iter().all(|&x| x == 0.0), "{os:?}");
         assert!(
             os[d..].iter().all(|&x| (x - 5.0 / 3.0).abs() < 1e-6),
@@ -2122,16 +2118,7 @@ mod tests {
             mask: Some((&all, 0)),
             ..at
         };
-        attend(
-            &qs,
-            &k,
-            &v,
-            at,
-            &mut scores,
-            &mut scratch,
-            &mut os,
-            &mut Query8::default(),
-        );
+        let os = run(&k, &v, at);
         assert!(os.iter().all(|&x| x == 0.0), "{os:?}");
 
         // An int8 cache over 130 positions (halves 0..128 and 128..130): the mask's columns
@@ -2155,16 +2142,7 @@ mod tests {
             mask: Some((&mask, n)),
             ..at
         };
-        attend(
-            &qs,
-            &k,
-            &v,
-            at,
-            &mut scores,
-            &mut scratch,
-            &mut os,
-            &mut Query8::default(),
-        );
+        let os = run(&k, &v, at);
         let want = [-3.0 / 129.0, 5.0 / 129.0];
         for (t, w) in want.iter().enumerate() {
             let o = &os[t * d..][..d];
