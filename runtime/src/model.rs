@@ -43,11 +43,20 @@ type State = TypedSimpleState;
 /// returned to the system by `free`; after it, the threshold is fixed at 32 MB, glibc's own
 /// ceiling, so the forward pass's activations are recycled in the heap as before (mapping
 /// them afresh at every step cost about a fifth of prefill speed).
+///
+/// Fixing the mmap threshold also fixes the trim threshold (glibc moves it to twice the mmap
+/// threshold only while it adjusts that itself), which stayed at 128 kB: each prefill chunk
+/// gave its activations back to the system at the top of the heap and faulted them in
+/// afresh for the next. So it is set to twice the mmap threshold, where glibc would have put it:
+/// prefill of a 1,372-token prompt 362 → 406 tok/s (f32 cache) and 641 → 755 (int8 cache), peak
+/// RSS within 3 MB of what it was.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn set_mmap_threshold(bytes: i32) {
-    // SAFETY: mallopt only tunes the allocator; any positive M_MMAP_THRESHOLD is valid.
+    // SAFETY: mallopt only tunes the allocator; any positive M_MMAP_THRESHOLD and
+    // M_TRIM_THRESHOLD are valid.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes.saturating_mul(2));
     }
 }
 
