@@ -543,6 +543,15 @@ impl std::fmt::Display for BenchReport {
                 "tokens/s",
             )?;
         }
+        // How much a long context slows decoding: the last position against the first.
+        if let [first, .., last] = &self.decode_at[..] {
+            writeln!(
+                f,
+                "  {:<22} {:>9.0}%         (ratio of the medians)",
+                format!("at {} / at {}", last.position, first.position),
+                100.0 * last.tokens_per_s.median / first.tokens_per_s.median
+            )?;
+        }
         row(f, "memory bandwidth", &self.bandwidth_gb_s, "GB/s")?;
         writeln!(
             f,
