@@ -635,4 +635,40 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Summary::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
     }
+
+    #[test]
+    fn the_report_shows_the_long_context_share() {
+        let s = |x: f64| Summary::of(vec![x]);
+        let at = |position, x| DecodeAt {
+            position,
+            tokens_per_s: s(x),
+        };
+        let mut r = BenchReport {
+            model: "m".into(),
+            weights: "int8".into(),
+            threads: 1,
+            prompt_tokens: 128,
+            gen_tokens: 32,
+            runs: 1,
+            load_s: s(0.3),
+            checks_ms: s(1.0),
+            load_phases_ms: vec![],
+            cache_hits: None,
+            time_to_first_token_ms: s(100.0),
+            prefill_tokens_per_s: s(1000.0),
+            decode_tokens_per_s: s(100.0),
+            decode_at: vec![at(32, 120.0), at(512, 110.0), at(1024, 96.0)],
+            bandwidth_gb_s: s(20.0),
+            weight_bytes_per_token: 100_000_000,
+            decode_limit_tokens_per_s: 200.0,
+            decode_fraction_of_limit: 0.5,
+            peak_rss_mb: None,
+            profile: None,
+        };
+        let text = r.to_string();
+        assert!(text.contains("at 1024 / at 32               80%"), "{text}");
+        // One position: nothing to compare.
+        r.decode_at.truncate(1);
+        assert!(!r.to_string().contains(" / at "));
+    }
 }
