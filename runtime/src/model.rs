@@ -34,7 +34,8 @@ pub const PREFILL_CHUNK: usize = 128;
 type Plan = TypedSimplePlan;
 type State = TypedSimpleState;
 
-/// glibc allocator tuning around a model load (process-wide; a no-op off glibc).
+/// glibc allocator tuning around a model load: the mmap threshold `mmap` and the trim threshold
+/// (twice it); process-wide, a no-op off glibc.
 ///
 /// Loading copies the weights a few times (parsing, decluttering, packing) and frees the
 /// copies. glibc raises its mmap threshold after such frees (up to 32 MB), so the copies' memory
@@ -51,17 +52,17 @@ type State = TypedSimpleState;
 /// prefill of a 1,372-token prompt 362 → 406 tok/s (f32 cache) and 641 → 755 (int8 cache), peak
 /// RSS within 3 MB of what it was.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn set_mmap_threshold(bytes: i32) {
+fn set_heap_thresholds(mmap: i32) {
     // SAFETY: mallopt only tunes the allocator; any positive M_MMAP_THRESHOLD and
     // M_TRIM_THRESHOLD are valid.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes.saturating_mul(2));
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, mmap.saturating_mul(2));
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set_mmap_threshold(_bytes: i32) {}
+fn set_heap_thresholds(_mmap: i32) {}
 
 /// Returns the free pages of every glibc arena to the system. The load's second thread (file
 /// checks, tokenizer) allocates in an arena of its own, whose freed memory glibc otherwise
@@ -91,7 +92,7 @@ pub struct LoadOptions {
     /// tract-transformers' `InPlaceKvSdpa`.
     pub quill_attention: bool,
     /// Have the C allocator return the load's temporary copies of the weights to the system
-    /// (glibc only; changes a process-wide allocator setting, see `set_mmap_threshold`).
+    /// (glibc only; changes a process-wide allocator setting, see `set_heap_thresholds`).
     pub return_memory: bool,
     /// Most tokens a session holds (default: the bundle's context). A board with little memory
     /// uses less: the KV cache grows with every token.
@@ -296,7 +297,7 @@ fn build(
             "true",
         );
         if opts.return_memory {
-            set_mmap_threshold(128 << 10);
+            set_heap_thresholds(128 << 10);
         }
         let mut load_phases = vec![("checks", *check_time)];
         let (built, mut cache_use, pending) =
@@ -321,7 +322,7 @@ fn build(
             })
         });
         if opts.return_memory {
-            set_mmap_threshold(32 << 20);
+            set_heap_thresholds(32 << 20);
         }
         (built, cache_use, load_phases)
     }
