@@ -183,14 +183,15 @@ impl Bundle {
         self.dir.join(name)
     }
 
-    /// Checks one file's size, then its CRC-32 (about 0.1 s per GB).
-    pub fn verify_file(&self, entry: &FileEntry) -> Result<(), BundleError> {
+    /// Checks one file's size against the manifest (a cut copy, a file replaced by another).
+    pub fn check_size(&self, entry: &FileEntry) -> Result<(), BundleError> {
         let path = self.path(&entry.name);
-        let io = |source| BundleError::Io {
-            path: path.clone(),
-            source,
-        };
-        let len = fs::metadata(&path).map_err(io)?.len();
+        let len = fs::metadata(&path)
+            .map_err(|source| BundleError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         if len != entry.bytes {
             return Err(BundleError::SizeMismatch {
                 path,
@@ -198,6 +199,17 @@ impl Bundle {
                 found: len,
             });
         }
+        Ok(())
+    }
+
+    /// Checks one file's size, then its CRC-32 (about 0.1 s per GB).
+    pub fn verify_file(&self, entry: &FileEntry) -> Result<(), BundleError> {
+        self.check_size(entry)?;
+        let path = self.path(&entry.name);
+        let io = |source| BundleError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut f = fs::File::open(&path).map_err(io)?;
         let mut h = crc32fast::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];

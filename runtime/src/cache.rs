@@ -67,7 +67,7 @@ pub const TRACT_VERSION: &str = "0.23.9";
 /// The version of quill's own cached forms: the packed weights' layout, the NNEF forms of
 /// quill's ops and the tables file. Part of every key; raise it whenever one of them changes,
 /// so that older entries (which would still check) are rebuilt.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// What the cache did during a load.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,20 +160,29 @@ impl Entry {
         &self.tar
     }
 
+    /// Whether the directory holds an entry for this key (its files are not checked: [`load`]
+    /// does that, and may still find them damaged).
+    ///
+    /// [`load`]: Entry::load
+    pub fn is_present(&self) -> bool {
+        self.stored_check().is_some()
+    }
+
+    /// The key file's sizes and CRC-32s of the entry's files, if it holds this entry's key.
+    fn stored_check(&self) -> Option<String> {
+        let stored = std::fs::read_to_string(&self.key_file).ok()?;
+        let (key, check) = stored.rsplit_once("entry ")?;
+        (key == self.key).then(|| check.to_string())
+    }
+
     /// The cached model, `Ok(None)` if there is no valid entry. The tar is streamed into tract
     /// (never held whole in memory) while its CRC-32 is computed, and the weights file, if the
     /// entry has one, is read into an arena on a second thread meanwhile; a model whose bytes
     /// do not match the key file is dropped.
     pub fn load(&self) -> anyhow::Result<Option<TypedModel>> {
-        let Ok(stored) = std::fs::read_to_string(&self.key_file) else {
+        let Some(check) = self.stored_check() else {
             return Ok(None);
         };
-        let Some((key, check)) = stored.rsplit_once("entry ") else {
-            return Ok(None);
-        };
-        if key != self.key {
-            return Ok(None);
-        }
         // `<tar size> <tar crc> weights <size> <crc> tables <size> <crc>`
         let fields: Vec<&str> = check.split_whitespace().collect();
         let [
@@ -306,7 +315,7 @@ impl Entry {
         })?;
         let (size, crc) = write_crc(&self.tar, |w| {
             nnef()
-                .write_to_tar(model, &mut *w)
+                .write_to_tar(&crate::saved_binary::for_saving(model)?, &mut *w)
                 .map_err(|e| anyhow::anyhow!("{e:#}"))?;
             Ok(())
         })?;

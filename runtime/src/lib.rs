@@ -27,6 +27,7 @@ pub mod qlinear;
 pub mod rope;
 pub mod rotation;
 pub mod sampler;
+pub mod saved_binary;
 pub mod serve;
 pub mod stop;
 pub mod tokenizer;

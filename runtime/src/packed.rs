@@ -62,6 +62,7 @@ pub fn registry() -> Registry {
         &[("output", TypeName::Integer.tensor())],
         load_embedding,
     );
+    crate::saved_binary::register(&mut reg);
     reg
 }
 

@@ -18,6 +18,19 @@ fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
     out
 }
 
+/// Flips the middle byte of the entry's tar in `cache`.
+fn damage_tar(cache: &Path) {
+    let tar = fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".nnef.tar"))
+        .expect("the cache holds the bundle's entry");
+    let mut bytes = fs::read(&tar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&tar, &bytes).unwrap();
+}
+
 #[test]
 fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
     let bundle = support::quant_bundle_dir(WeightFormat::Int8);
@@ -71,15 +84,7 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
     drop(warm);
 
     // A damaged entry (one byte of the tar flipped) is ignored and rebuilt.
-    let tar = fs::read_dir(&cache)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".nnef.tar"))
-        .expect("the cache holds the bundle's entry");
-    let mut bytes = fs::read(&tar).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    fs::write(&tar, &bytes).unwrap();
+    damage_tar(&cache);
     let rebuilt = Model::load(bundle, &opts).unwrap();
     assert_eq!(rebuilt.cache, CacheUse::Stored);
     drop(rebuilt);
@@ -155,4 +160,64 @@ fn a_warm_load_starts_from_the_cache_and_computes_the_same() {
         "{:?}",
         m.cache
     );
+}
+
+/// A load from the cache does not read the bundle's graph or its weights file, so it checks
+/// their sizes only: a flipped byte in them goes unnoticed while the entry serves (and changes
+/// nothing it computes), a cut file fails the load, and once the entry fails its own check
+/// the graph's files are checked in full before they are read.
+#[test]
+fn a_warm_load_checks_the_graph_files_it_does_not_read_by_size() {
+    use quill::BundleError;
+    use quill::bundle::{GRAPH_FILE, MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+    let src = support::small_bundle_dir();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("warm-checks");
+    let _ = fs::remove_dir_all(&root);
+    let (bundle, cache) = (root.join("bundle"), root.join("cache"));
+    fs::create_dir_all(&bundle).unwrap();
+    for f in [MANIFEST_FILE, GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
+        fs::copy(src.join(f), bundle.join(f)).unwrap();
+    }
+    let opts = LoadOptions {
+        cache_dir: Some(cache.clone()),
+        ..Default::default()
+    };
+    let cold = Model::load(&bundle, &opts).unwrap();
+    assert_eq!(cold.cache, CacheUse::Stored);
+    let ids = cold
+        .tokenizer
+        .encode("A kiosk restarts after a power cut.", false);
+    let expected = logits(&cold, &ids);
+    drop(cold);
+
+    // One byte of the weights file flipped, its size unchanged: the entry serves, unchanged.
+    let data = bundle.join(WEIGHTS_FILE);
+    let good = fs::read(&data).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x20;
+    fs::write(&data, &flipped).unwrap();
+    let warm = Model::load(&bundle, &opts).unwrap();
+    assert_eq!(warm.cache, CacheUse::Hit);
+    assert_eq!(logits(&warm, &ids), expected);
+    drop(warm);
+
+    // Cut one byte short: refused, cache or not.
+    fs::write(&data, &flipped[..flipped.len() - 1]).unwrap();
+    let err = Model::load(&bundle, &opts).expect_err("a weights file cut short");
+    let expected_err = matches!(&err, BundleError::SizeMismatch { path, .. } if *path == data);
+    assert!(expected_err, "{err}");
+
+    // The entry damaged too: the graph is read after all, and its weights' CRC-32 fails.
+    fs::write(&data, &flipped).unwrap();
+    damage_tar(&cache);
+    let err = Model::load(&bundle, &opts).expect_err("a flipped byte in the weights file");
+    let expected_err = matches!(&err, BundleError::ChecksumMismatch { path, .. } if *path == data);
+    assert!(expected_err, "{err}");
+
+    // Mended: the entry is rebuilt and serves again.
+    fs::write(&data, &good).unwrap();
+    assert_eq!(Model::load(&bundle, &opts).unwrap().cache, CacheUse::Stored);
+    let warm = Model::load(&bundle, &opts).unwrap();
+    assert_eq!(warm.cache, CacheUse::Hit);
+    assert_eq!(logits(&warm, &ids), expected);
 }
