@@ -11,7 +11,9 @@
 //! (AVX-512 VNNI), their packed weights go into a file of their own beside the tar: a warm load
 //! reads those 135 MB straight into memory where they stay, instead of reading them as tract
 //! tensors and packing them again (int8 teacher, 1 thread: load 0.50 → 0.27 s). The int8
-//! embedding's table goes into a third file, which a warm load memory-maps.
+//! embedding's table goes into a third file, which a warm load memory-maps. Binary ops are
+//! written so that tract reads them back without the casts it would put around each operand
+//! ([`crate::saved_binary`]: a third fewer nodes to read).
 //!
 //! An entry is `<dir>/<bundle name>-<ops>-<key CRC>.nnef.tar`, maybe `.weights` and `.tables`
 //! files, and a `.key` file holding the full key — the bundle's files (names, sizes, CRC-32s
@@ -66,7 +68,8 @@ pub const TRACT_VERSION: &str = "0.23.9";
 
 /// The version of quill's own cached forms: the packed weights' layout, the NNEF forms of
 /// quill's ops and the tables file. Part of every key; raise it whenever one of them changes,
-/// so that older entries (which would still check) are rebuilt.
+/// so that older entries (which would still check) are rebuilt. (2: binary ops written as
+/// `quill_binary`, [`crate::saved_binary`].)
 pub const FORMAT: u32 = 2;
 
 /// What the cache did during a load.

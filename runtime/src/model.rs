@@ -184,10 +184,10 @@ impl Model {
         // With an entry in the load cache, the graph and its weights file are not read: the
         // entry, built from them once they had passed their checks and keyed by their
         // checksums, is (its own files are checked as it is read). So their sizes are checked
-        // and their CRC-32s left (170 MB read for nothing on the int8 teacher: load 0.93 → 0.60 s
-        // from a cold page cache, a kiosk's restart, BENCHMARKS.md); should the entry prove
-        // damaged, the graph's files are checked in full before the graph is read
-        // (`prepare_cached`).
+        // and their CRC-32s left: 170 MB of the int8 teacher's that a warm load used to read
+        // for nothing (a kiosk restarting from a cold page cache on an SD card reading 40 MB/s
+        // would spend about 4 s on them). Should the entry prove damaged, the graph's files
+        // are checked in full before the graph is read (`prepare_cached`).
         let entry = cache_entry(&bundle, opts);
         let graph_cached = entry.as_ref().is_some_and(cache::Entry::is_present);
         // A second thread checks the files' sizes and CRC-32s and reads the tokenizer while
