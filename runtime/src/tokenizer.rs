@@ -13,6 +13,7 @@
 )]
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 
 use regex::Regex;
@@ -48,6 +49,59 @@ fn bytes_to_unicode() -> [char; 256] {
     map
 }
 
+/// FxHash (rustc's hash): one rotate, xor and multiply per 8 bytes, against SipHash's rounds.
+/// The tables it keys are built from the bundle's vocabulary (checked against the manifest's
+/// CRC-32); user text only looks keys up, so there is nothing for it to flood. With it (and
+/// a table in place of a map from chars to bytes) the teacher's tables build in about 30 ms
+/// instead of about 40 (`BENCHMARKS.md`, session 16).
+#[derive(Default)]
+struct Fx(u64);
+
+impl Fx {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for Fx {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let (words, rest) = bytes.as_chunks::<8>();
+        for w in words {
+            self.add(u64::from_le_bytes(*w));
+        }
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            for (l, &r) in last.iter_mut().zip(rest) {
+                *l = r;
+            }
+            self.add(u64::from_le_bytes(last));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     /// id → the bytes it stands for (special tokens: their text).
@@ -59,7 +113,7 @@ pub struct Tokenizer {
     /// in UTF-8); like Hugging Face `tokenizers` without an unknown token, they are dropped.
     byte_ids: [Option<TokenId>; 256],
     /// (left, right) → (rank, merged id).
-    merges: HashMap<(TokenId, TokenId), (u32, TokenId)>,
+    merges: FxMap<(TokenId, TokenId), (u32, TokenId)>,
     /// Added tokens matched verbatim in the input, longest first.
     added: Vec<(String, TokenId)>,
     split_digits: bool,
@@ -97,13 +151,15 @@ impl Tokenizer {
             .as_object()
             .ok_or("model.vocab is not an object")?;
         let n = vocab.len();
-        let decode_map: HashMap<char, u8> = bytes_to_unicode()
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
+        // char → byte, indexed by code point (the 256 chars stand below U+0144).
+        let mut decode_map = [None; 0x144];
+        for (b, &c) in bytes_to_unicode().iter().enumerate() {
+            if let Some(slot) = decode_map.get_mut(c as usize) {
+                *slot = Some(b as u8);
+            }
+        }
         let mut bytes = vec![Vec::new(); n];
-        let mut ids: HashMap<&str, TokenId> = HashMap::with_capacity(n);
+        let mut ids: FxMap<&str, TokenId> = FxMap::with_capacity_and_hasher(n, Default::default());
         for (tok, id) in vocab {
             let id = id
                 .as_u64()
@@ -112,7 +168,13 @@ impl Tokenizer {
             // Added tokens below are not byte-level encoded; their bytes are set there.
             bytes[id] = tok
                 .chars()
-                .map(|c| decode_map.get(&c).copied().unwrap_or(b'?'))
+                .map(|c| {
+                    decode_map
+                        .get(c as usize)
+                        .copied()
+                        .flatten()
+                        .unwrap_or(b'?')
+                })
                 .collect();
             ids.insert(tok.as_str(), id as TokenId);
         }
@@ -145,7 +207,8 @@ impl Tokenizer {
                     .into(),
             );
         }
-        let mut merges = HashMap::new();
+        let mut merges = FxMap::default();
+        let mut merged = String::new();
         for (rank, m) in model["merges"]
             .as_array()
             .ok_or("model.merges is not an array")?
@@ -162,7 +225,9 @@ impl Tokenizer {
                 ),
                 other => return Err(format!("bad merge {other}")),
             };
-            let merged = format!("{a}{b}");
+            merged.clear();
+            merged.push_str(a);
+            merged.push_str(b);
             let (Some(&ia), Some(&ib), Some(&im)) =
                 (ids.get(a), ids.get(b), ids.get(merged.as_str()))
             else {
