@@ -257,6 +257,19 @@ impl Int8Linear {
         assert_eq!(out.len(), m * self.n);
         #[cfg(target_arch = "x86_64")]
         if vnni_available() {
+            // Several rows (prefill): `vpdpbusd` takes the activations unsigned, so their sign
+            // bits are flipped once here (m·k bytes) and the kernel broadcasts each group of
+            // four straight from memory. Flipped in the loop, each group cost a scalar xor and
+            // a broadcast from a general register, which competes with the products for port
+            // 5: prefill's products ran at half the rate `vpdpbusd` allows. One row (decode)
+            // is flipped in the loop, where memory, not the ports, bounds the kernel; nothing
+            // is allocated for it.
+            let flipped: Vec<u8> = if m > 1 {
+                x.iter().map(|&v| v as u8 ^ 0x80).collect()
+            } else {
+                Vec::new()
+            };
+            let xu = &flipped[..];
             let pairs = self.n / 32;
             let out_ptr = crate::pool::SendPtr(out.as_mut_ptr());
             if let Some(pool) = pool
@@ -270,11 +283,11 @@ impl Int8Linear {
                     let range = pairs * i / parts..pairs * (i + 1) / parts;
                     // SAFETY: the CPU has the kernel's features (checked above); `x` and `out`
                     // have the asserted sizes, and the parts write disjoint columns.
-                    unsafe { self.run_vnni(x, out_ptr.0, m, range) }
+                    unsafe { self.run_vnni(x, xu, out_ptr.0, m, range) }
                 });
             } else {
                 // SAFETY: as above, one part covering every column.
-                unsafe { self.run_vnni(x, out_ptr.0, m, 0..pairs) };
+                unsafe { self.run_vnni(x, xu, out_ptr.0, m, 0..pairs) };
             }
             return;
         }
@@ -305,11 +318,19 @@ impl Int8Linear {
     /// pointer so that several threads can each own a range of columns).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW and VNNI; `x` holds `m` rows of `k`; `out` points to `m × n`
+    /// The CPU has AVX-512 F, BW and VNNI; `x` holds `m` rows of `k`, and `xu` the same rows
+    /// with their sign bits flipped when `m > 1` (else nothing); `out` points to `m × n`
     /// writable i32 of which no one else touches these columns; `pairs.end ≤ n / 32`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn run_vnni(&self, x: &[i8], out: *mut i32, m: usize, pairs: std::ops::Range<usize>) {
+    unsafe fn run_vnni(
+        &self,
+        x: &[i8],
+        xu: &[u8],
+        out: *mut i32,
+        m: usize,
+        pairs: std::ops::Range<usize>,
+    ) {
         // Prefill: the columns go in tiles of about TILE_BYTES of weights, and every token
         // passes through a tile before the next one is read, so the weights come from memory
         // once per product and from L2 for each group of tokens (one pass per group over all
@@ -342,18 +363,23 @@ impl Int8Linear {
             while t < m {
                 let rows = (m - t).min(TOKENS_PER_PASS);
                 let xs = &x[t * self.k..(t + rows) * self.k];
+                let xs_u = if rows > 1 {
+                    &xu[t * self.k..(t + rows) * self.k]
+                } else {
+                    &[]
+                };
                 // SAFETY: same features as this function; rows t..t+rows exist in `out`.
                 unsafe {
                     let ys = out.add(t * self.n);
                     match rows {
                         1 => self.pass_vnni_one(xs, ys, cols.clone()),
-                        2 => self.pass_vnni::<2>(xs, ys, cols.clone()),
-                        3 => self.pass_vnni::<3>(xs, ys, cols.clone()),
-                        4 => self.pass_vnni::<4>(xs, ys, cols.clone()),
-                        5 => self.pass_vnni::<5>(xs, ys, cols.clone()),
-                        6 => self.pass_vnni::<6>(xs, ys, cols.clone()),
-                        7 => self.pass_vnni::<7>(xs, ys, cols.clone()),
-                        _ => self.pass_vnni::<8>(xs, ys, cols.clone()),
+                        2 => self.pass_vnni::<2, false>(xs_u, ys, cols.clone()),
+                        3 => self.pass_vnni::<3, false>(xs_u, ys, cols.clone()),
+                        4 => self.pass_vnni::<4, false>(xs_u, ys, cols.clone()),
+                        5 => self.pass_vnni::<5, false>(xs_u, ys, cols.clone()),
+                        6 => self.pass_vnni::<6, false>(xs_u, ys, cols.clone()),
+                        7 => self.pass_vnni::<7, false>(xs_u, ys, cols.clone()),
+                        _ => self.pass_vnni::<8, false>(xs_u, ys, cols.clone()),
                     }
                 }
                 t += rows;
@@ -366,12 +392,13 @@ impl Int8Linear {
     /// independent accumulator chains per token hide `vpdpbusd`'s latency).
     ///
     /// # Safety
-    /// As [`Int8Linear::run_vnni`], with `x` holding exactly `T` rows.
+    /// As [`Int8Linear::run_vnni`], with `x` holding exactly `T` rows, their sign bits
+    /// flipped (`x + 128` as unsigned bytes) unless `FLIP`, which flips them in the loop.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn pass_vnni<const T: usize>(
+    unsafe fn pass_vnni<const T: usize, const FLIP: bool>(
         &self,
-        x: &[i8],
+        x: &[u8],
         out: *mut i32,
         pairs: std::ops::Range<usize>,
     ) {
@@ -392,7 +419,8 @@ impl Int8Linear {
                     let b = _mm512_loadu_si512(w1.add(g * 64) as *const _);
                     for tt in 0..T {
                         let xp = x.as_ptr().add(tt * k + g * 4) as *const i32;
-                        let xv = _mm512_set1_epi32(xp.read_unaligned() ^ 0x8080_8080u32 as i32);
+                        let flip = if FLIP { 0x8080_8080u32 as i32 } else { 0 };
+                        let xv = _mm512_set1_epi32(xp.read_unaligned() ^ flip);
                         acc0[tt] = _mm512_dpbusd_epi32(acc0[tt], xv, a);
                         acc1[tt] = _mm512_dpbusd_epi32(acc1[tt], xv, b);
                     }
@@ -451,8 +479,11 @@ impl Int8Linear {
             }
         }
         if pairs.len() % 2 == 1 {
-            // SAFETY: as above, for the last pair.
-            unsafe { self.pass_vnni::<1>(x, out, pairs.end - 1..pairs.end) };
+            // SAFETY: as above, for the last pair; i8 and u8 have the same size and alignment.
+            unsafe {
+                let xu = std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len());
+                self.pass_vnni::<1, true>(xu, out, pairs.end - 1..pairs.end)
+            };
         }
     }
 }
