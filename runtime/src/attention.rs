@@ -276,6 +276,7 @@ impl Step<'_> {
                 &mut w.os,
                 &mut w.stats,
                 &mut w.q8,
+                true,
             );
             // SAFETY: slot `item` is within `halves` and belongs to this item only.
             unsafe {
@@ -696,38 +697,146 @@ fn key_index(p: usize, c: usize, d: usize) -> usize {
     (p / 16) * 16 * d + (c / 4) * 64 + (p % 16) * 4 + c % 4
 }
 
-/// Symmetric int8 codes of `x` into `codes`, returning the scale (`max |x| / 127`; 0 for a
-/// zero vector or one so small (`max |x|` < 4e-37) that `127 / max |x|` overflows, NaN if `x`
-/// holds one, so the result carries it as f32 would).
-fn quantize(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
-    // The maximum is exact in any order: sixteen lanes (it vectorizes), NaN looked for apart.
-    let amax = if x.iter().any(|v| v.is_nan()) {
+/// Symmetric int8 codes of `x` into `codes` (as long), returning the scale (`max |x| / 127`; 0
+/// for a zero vector or one so small (`max |x|` < 4e-37) that `127 / max |x|` overflows, NaN
+/// if `x` holds one, so the result carries it as f32 would). In AVX-512 where the CPU has it,
+/// else in portable code: the same codes and scale (`quantize_matches_its_plain_definition`).
+fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), codes.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { quantize_avx512(x, codes) };
+    }
+    quantize_portable(x, codes)
+}
+
+/// [`quantize`] in portable code.
+fn quantize_portable(x: &[f32], codes: &mut [i8]) -> f32 {
+    let (inv, scale) = inverse_and_scale(amax_of(x));
+    for (q, v) in codes.iter_mut().zip(x) {
+        *q = round_to_i8(v * inv);
+    }
+    scale
+}
+
+/// `max |x|`, NaN if `x` holds one. Exact in any order: sixteen lanes (it vectorizes);
+/// `f32::max` skips a NaN, so NaNs are counted in the same pass.
+fn amax_of(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut nans = [0u32; 16];
+    let (xc, xr) = x.as_chunks::<16>();
+    for c in xc {
+        for l in 0..16 {
+            acc[l] = acc[l].max(c[l].abs());
+            nans[l] |= u32::from(c[l].is_nan());
+        }
+    }
+    if nans.iter().any(|&n| n != 0) || xr.iter().any(|v| v.is_nan()) {
         f32::NAN
     } else {
-        let mut acc = [0f32; 16];
-        let (xc, xr) = x.as_chunks::<16>();
-        for c in xc {
-            for l in 0..16 {
-                acc[l] = acc[l].max(c[l].abs());
-            }
-        }
         acc.into_iter()
             .chain(xr.iter().map(|v| v.abs()))
             .fold(0f32, f32::max)
-    };
+    }
+}
+
+/// The factor codes are made with and the scale they are read with, for `max |x|` = `amax`.
+#[inline(always)]
+fn inverse_and_scale(amax: f32) -> (f32, f32) {
     let inv = 127.0 / amax;
-    let (inv, scale) = if amax > 0.0 && inv.is_finite() {
+    if amax > 0.0 && inv.is_finite() {
         (inv, amax / 127.0)
     } else if amax.is_nan() {
         (0.0, f32::NAN)
     } else {
         (0.0, 0.0)
+    }
+}
+
+/// [`quantize`] sixteen values at a time (the portable loop took about 8 cycles a value: a
+/// fifth of a prefill's attention, its queries and cache rows). The last 1–15 values masked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn quantize_avx512(x: &[f32], codes: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let (xc, xr) = x.as_chunks::<16>();
+    let tail: __mmask16 = (1u16 << xr.len()).wrapping_sub(1);
+    let mut acc = _mm512_setzero_ps();
+    let mut nan: __mmask16 = 0;
+    let mut take = |v: __m512| {
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        // `vmaxps` returns its second operand when the first is NaN: a NaN is skipped.
+        acc = _mm512_max_ps(_mm512_abs_ps(v), acc);
     };
-    for (i, v) in x.iter().enumerate() {
-        // `as` saturates (and maps NaN to 0); the rounding is to nearest, ties away.
-        store(i, (v * inv).round().clamp(-127.0, 127.0) as i8);
+    for c in xc {
+        // SAFETY: 16 f32 (unaligned load).
+        take(unsafe { _mm512_loadu_ps(c.as_ptr()) });
+    }
+    if !xr.is_empty() {
+        // SAFETY: a masked load of the `xr.len()` values only; the others read as 0.
+        take(unsafe { _mm512_maskz_loadu_ps(tail, xr.as_ptr()) });
+    }
+    let amax = if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(acc)
+    };
+    let (inv, scale) = inverse_and_scale(amax);
+    let inv = _mm512_set1_ps(inv);
+    let (cc, cr) = codes.as_chunks_mut::<16>();
+    for (c, q) in xc.iter().zip(cc) {
+        // SAFETY: 16 f32 in, 16 bytes out (unaligned).
+        unsafe {
+            let y = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv);
+            _mm_storeu_si128(q.as_mut_ptr().cast(), round_to_i8_avx512(y));
+        }
+    }
+    if !xr.is_empty() {
+        let mut out = [0i8; 16];
+        // SAFETY: a masked load of the `xr.len()` values; 16 bytes into `out`.
+        unsafe {
+            let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, xr.as_ptr()), inv);
+            _mm_storeu_si128(out.as_mut_ptr().cast(), round_to_i8_avx512(y));
+        }
+        cr.copy_from_slice(&out[..cr.len()]);
     }
     scale
+}
+
+/// [`round_to_i8`] of 16 lanes, as bytes: the same clamp, truncation and step away from zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn round_to_i8_avx512(y: std::arch::x86_64::__m512) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    // `vmaxps` / `vminps` return their second operand when either is NaN: a NaN stays.
+    let y = _mm512_min_ps(
+        _mm512_set1_ps(127.0),
+        _mm512_max_ps(_mm512_set1_ps(-127.0), y),
+    );
+    // Toward zero; a NaN becomes i32::MIN, whose low byte (all `vpmovdb` keeps) is 0, and its
+    // fraction compares false.
+    let t = _mm512_cvttps_epi32(y);
+    let f = _mm512_sub_ps(y, _mm512_cvtepi32_ps(t));
+    let one = _mm512_set1_epi32(1);
+    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, _mm512_set1_ps(0.5));
+    let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, _mm512_set1_ps(-0.5));
+    let t = _mm512_mask_add_epi32(t, up, t, one);
+    _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(t, down, t, one))
+}
+
+/// `y.round().clamp(-127.0, 127.0) as i8` (to nearest, ties away from zero; NaN → 0) without
+/// `f32::round`, which is a call to `roundf` on baseline x86-64 (no SSE4.1): it was most of the
+/// cost of quantizing a step's queries and cache rows. Clamping first gives the same result
+/// (rounding is monotonic and ±127 are integers); then `y - trunc(y)` is exact (|y| ≤ 127),
+/// and the fraction decides the step away from zero.
+#[inline(always)]
+fn round_to_i8(y: f32) -> i8 {
+    // `f32::clamp` keeps a NaN, and `as` maps it to 0; its fraction compares false.
+    let y = y.clamp(-127.0, 127.0);
+    let t = y as i32;
+    let f = y - t as f32;
+    (t + i32::from(f >= 0.5) - i32::from(f <= -0.5)) as i8
 }
 
 impl Blocks {
@@ -780,12 +889,31 @@ impl Blocks {
                 let (row, blk) = (at / d, &mut b[block]);
                 let (head, p) = (row / KV_BLOCK, row % KV_BLOCK);
                 let codes = &mut blk.codes[head * KV_BLOCK * d..][..KV_BLOCK * d];
-                blk.scales[row] = quantize(src, |c, q| codes[key_index(p, c, d)] = q);
+                // Quantized in a row, then placed four components at a time (contiguous in
+                // the packed layout); a head wider than the buffer goes value by value.
+                let mut row_codes = [0i8; 256];
+                let mut wide = [0i8; 0];
+                let q = if d <= row_codes.len() {
+                    &mut row_codes[..d]
+                } else {
+                    &mut wide[..]
+                };
+                if q.len() == d {
+                    blk.scales[row] = quantize(src, q);
+                    for (c4, q4) in q.chunks_exact(4).enumerate() {
+                        codes[key_index(p, 4 * c4, d)..][..4].copy_from_slice(q4);
+                    }
+                } else {
+                    let (inv, scale) = inverse_and_scale(amax_of(src));
+                    for (c, v) in src.iter().enumerate() {
+                        codes[key_index(p, c, d)] = round_to_i8(v * inv);
+                    }
+                    blk.scales[row] = scale;
+                }
             }
             Blocks::Values8(b) => {
                 let blk = &mut b[block];
-                let codes = &mut blk.codes[at..][..d];
-                blk.scales[at / d] = quantize(src, |c, q| codes[c] = q);
+                blk.scales[at / d] = quantize(src, &mut blk.codes[at..][..d]);
             }
         }
     }
@@ -957,13 +1085,14 @@ fn attend(
             then: next_after_first_half(mid, at.visible, at.head),
             ..at
         };
-        attend_q8(qs, k, v, first, scores, os, st0, q8);
+        attend_q8(qs, k, v, first, scores, os, st0, q8, true);
         let second = Cache {
             first: mid,
             then: (0, at.head + 1),
             ..at
         };
-        attend_q8(qs, k, v, second, scores, &mut o1, st1, q8);
+        // The queries as the first half quantized them.
+        attend_q8(qs, k, v, second, scores, &mut o1, st1, q8, false);
         merge_halves(os, st0, &o1, st1, at.head_dim);
         q8.stats = stats;
         q8.second = o1;
@@ -1138,7 +1267,8 @@ pub struct Query8 {
 /// gets the unnormalized sums `Σ_j exp(s_tj − m_t) · v_j` and `stats (2, group)` the maxima
 /// m_t and sums l_t ([`softmax_part`]); [`merge_halves`] puts the two halves together. A
 /// decode step computes the halves of a kv head on two threads, so that a step's three kv
-/// heads keep two threads equally busy.
+/// heads keep two threads equally busy. `fresh`: quantize `qs` into `q8` (else `q8` holds
+/// them, as the first half of the same pair left them).
 #[allow(clippy::too_many_arguments)]
 fn attend_q8(
     qs: &[f32],
@@ -1149,6 +1279,7 @@ fn attend_q8(
     os: &mut [f32],
     stats: &mut [f32],
     q8: &mut Query8,
+    fresh: bool,
 ) {
     if at.first >= at.visible {
         // An empty half (everything fits in the first): it adds nothing.
@@ -1162,9 +1293,9 @@ fn attend_q8(
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         let vnni = crate::kernels::vnni_available();
         // SAFETY: the CPU has AVX2 and FMA (and, with `vnni`, AVX-512 F, BW and VNNI).
-        return unsafe { attend_q8_avx2(qs, k, v, at, scores, os, stats, q8, vnni) };
+        return unsafe { attend_q8_avx2(qs, k, v, at, scores, os, stats, q8, fresh, vnni) };
     }
-    attend_q8_impl::<FUSED_BASELINE>(qs, k, v, at, scores, os, stats, q8, false)
+    attend_q8_impl::<FUSED_BASELINE>(qs, k, v, at, scores, os, stats, q8, fresh, false)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1179,9 +1310,10 @@ fn attend_q8_avx2(
     os: &mut [f32],
     stats: &mut [f32],
     q8: &mut Query8,
+    fresh: bool,
     vnni: bool,
 ) {
-    attend_q8_impl::<true>(qs, k, v, at, scores, os, stats, q8, vnni)
+    attend_q8_impl::<true>(qs, k, v, at, scores, os, stats, q8, fresh, vnni)
 }
 
 #[inline(always)]
@@ -1195,6 +1327,7 @@ fn attend_q8_impl<const FUSED: bool>(
     os: &mut [f32],
     stats: &mut [f32],
     q8: &mut Query8,
+    fresh: bool,
     vnni: bool,
 ) {
     let d = at.head_dim;
@@ -1202,12 +1335,13 @@ fn attend_q8_impl<const FUSED: bool>(
     // Positions `first..visible`, `n` of them; `scores` and the stream count from `first`.
     let first = at.first;
     let n = at.visible - first;
-    q8.codes.resize(group * d, 0);
-    q8.factor.resize(group, 0.0);
     q8.dots.resize(group * KV_BLOCK, 0);
-    for (t, q) in qs.chunks_exact(d).enumerate() {
-        let codes = &mut q8.codes[t * d..][..d];
-        q8.factor[t] = at.scale * quantize(q, |c, x| codes[c] = x);
+    if fresh {
+        q8.codes.resize(group * d, 0);
+        q8.factor.resize(group, 0.0);
+        for (t, q) in qs.chunks_exact(d).enumerate() {
+            q8.factor[t] = at.scale * quantize(q, &mut q8.codes[t * d..][..d]);
+        }
     }
     // Every score is written below: no need to clear them.
     if scores.len() < group * n {
@@ -1661,42 +1795,59 @@ fn exp_shifted_avx512(xs: &mut [f32], max: f32) {
     let c = |v: f32| _mm512_set1_ps(v);
     for ch in chunks {
         // SAFETY: 16 f32 (unaligned load and store).
-        let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(ch.as_ptr()) }, c(max));
-        // `x.max(-87.0)`: `vmaxps` returns its second operand when the first is NaN, as
-        // `f32::max` returns the number.
-        let x = _mm512_max_ps(x, c(-87.0));
-        // `(x · log2 e).round()`, halves away from zero, for y ≤ 0: t = trunc(y), and one
-        // less where y - t ≤ -1/2 (y - t is exact: |y| < 2²³).
-        let y = _mm512_mul_ps(x, c(std::f32::consts::LOG2_E));
-        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
-        let half_or_more = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_sub_ps(y, t), c(-0.5));
-        let n = _mm512_mask_sub_ps(t, half_or_more, t, c(1.0));
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_359_4))),
-            _mm512_mul_ps(n, c(-2.121_944_4e-4)),
-        );
-        let mut q = _mm512_add_ps(_mm512_mul_ps(c(1.987_569_2e-4), r), c(1.398_199_9e-3));
-        q = _mm512_add_ps(_mm512_mul_ps(q, r), c(8.333_452e-3));
-        q = _mm512_add_ps(_mm512_mul_ps(q, r), c(4.166_579_6e-2));
-        q = _mm512_add_ps(_mm512_mul_ps(q, r), c(1.666_666_5e-1));
-        q = _mm512_add_ps(_mm512_mul_ps(q, r), c(0.5));
-        let p = _mm512_add_ps(
-            _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(q, r), r), r),
-            c(1.0),
-        );
-        let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        )));
-        let e = _mm512_mul_ps(p, pow2);
-        let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, c(-87.0));
-        let e = _mm512_maskz_mov_ps(keep, e);
-        // SAFETY: as the load.
-        unsafe { _mm512_storeu_ps(ch.as_mut_ptr(), e) };
+        unsafe {
+            let x = _mm512_sub_ps(_mm512_loadu_ps(ch.as_ptr()), c(max));
+            _mm512_storeu_ps(ch.as_mut_ptr(), exp_avx512(x));
+        }
     }
-    for x in rest {
-        *x = exp_nonpositive(*x - max);
+    if !rest.is_empty() {
+        // The last 1–15 in the same registers, masked (the scalar copy's `round` is a call to
+        // `roundf` here, and a prefill's rows end in such a tail at almost every half).
+        let keep: __mmask16 = (1u16 << rest.len()) - 1;
+        // SAFETY: the masked load reads, and the store writes, only the `rest.len()` values.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(keep, rest.as_ptr());
+            let e = exp_avx512(_mm512_sub_ps(x, c(max)));
+            _mm512_mask_storeu_ps(rest.as_mut_ptr(), keep, e);
+        }
     }
+}
+
+/// [`exp_nonpositive`] of 16 lanes, the same operations in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    // `x.max(-87.0)`: `vmaxps` returns its second operand when the first is NaN, as
+    // `f32::max` returns the number.
+    let x = _mm512_max_ps(x, c(-87.0));
+    // `(x · log2 e).round()`, halves away from zero, for y ≤ 0: t = trunc(y), and one
+    // less where y - t ≤ -1/2 (y - t is exact: |y| < 2²³).
+    let y = _mm512_mul_ps(x, c(std::f32::consts::LOG2_E));
+    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+    let half_or_more = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_sub_ps(y, t), c(-0.5));
+    let n = _mm512_mask_sub_ps(t, half_or_more, t, c(1.0));
+    let r = _mm512_sub_ps(
+        _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_359_4))),
+        _mm512_mul_ps(n, c(-2.121_944_4e-4)),
+    );
+    let mut q = _mm512_add_ps(_mm512_mul_ps(c(1.987_569_2e-4), r), c(1.398_199_9e-3));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), c(8.333_452e-3));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), c(4.166_579_6e-2));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), c(1.666_666_5e-1));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), c(0.5));
+    let p = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(q, r), r), r),
+        c(1.0),
+    );
+    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    )));
+    let e = _mm512_mul_ps(p, pow2);
+    let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, c(-87.0));
+    _mm512_maskz_mov_ps(keep, e)
 }
 
 #[inline(always)]
@@ -1822,8 +1973,41 @@ fn tree_sum(mut acc: [f32; 32]) -> f32 {
 
 /// `max x` (ignoring NaN, as `f32::max`), in 16 lanes: one dependent `max` per element was
 /// a third of the softmax's time at 1024 positions. The result does not depend on the order.
+/// AVX-512 where the CPU has it: its last 1–15 values masked instead of one scalar `max`
+/// each (a prefill's rows are short, and nearly all end in such a tail).
 #[inline(always)]
 fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { max_avx512(x) };
+    }
+    max_portable(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn max_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (xc, xr) = x.as_chunks::<16>();
+    let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in xc {
+        // SAFETY: 16 f32 (unaligned load). `vmaxps` returns its second operand when the
+        // first is NaN: a NaN is skipped.
+        acc = _mm512_max_ps(unsafe { _mm512_loadu_ps(c.as_ptr()) }, acc);
+    }
+    if !xr.is_empty() {
+        let tail: __mmask16 = (1u16 << xr.len()) - 1;
+        // SAFETY: a masked load of the `xr.len()` values; the other lanes read as -∞.
+        let v =
+            unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, xr.as_ptr()) };
+        acc = _mm512_max_ps(v, acc);
+    }
+    _mm512_reduce_max_ps(acc)
+}
+
+#[inline(always)]
+fn max_portable(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let (xc, xr) = x.as_chunks::<16>();
     for c in xc {
@@ -1935,6 +2119,129 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn round_to_i8_is_round_then_clamp() {
+        let reference = |y: f32| y.round().clamp(-127.0, 127.0) as i8;
+        let mut specials = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            126.5,
+            -126.5,
+            127.0,
+            -127.0,
+            127.49,
+            -127.51,
+            128.0,
+            1e9,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            0.499_999_97,
+            -0.499_999_97,
+        ];
+        // Every f32 within a few ulps of each half-integer up to ±130.
+        for h in -261..=261 {
+            let c = h as f32 / 2.0;
+            for u in -4i32..=4 {
+                specials.push(f32::from_bits((c.to_bits() as i32 + u) as u32));
+            }
+        }
+        let mut rnd = uniform(11);
+        specials.extend((0..100_000).map(|_| rnd() * 70.0));
+        for &y in &specials {
+            assert_eq!(round_to_i8(y), reference(y), "{y:e} ({:#x})", y.to_bits());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for ys in specials.chunks_exact(16) {
+                let mut got = [0i8; 16];
+                // SAFETY: the CPU has AVX-512 F; 16 f32 in, 16 bytes out.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let v = round_to_i8_avx512(_mm512_loadu_ps(ys.as_ptr()));
+                    _mm_storeu_si128(got.as_mut_ptr().cast(), v);
+                }
+                let want: Vec<i8> = ys.iter().map(|&y| reference(y)).collect();
+                assert_eq!(got[..], want[..], "{ys:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matches_its_plain_definition() {
+        // The definition: NaN anywhere → NaN scale; else max |x| / 127, codes rounded half away.
+        let reference = |x: &[f32]| -> (f32, Vec<i8>) {
+            if x.iter().any(|v| v.is_nan()) {
+                return (f32::NAN, vec![0; x.len()]);
+            }
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = 127.0 / amax;
+            if !(amax > 0.0 && inv.is_finite()) {
+                return (0.0, vec![0; x.len()]);
+            }
+            let codes = x.iter().map(|v| (v * inv).round() as i8).collect();
+            (amax / 127.0, codes)
+        };
+        let mut rnd = uniform(5);
+        for len in [1, 15, 16, 17, 64, 70] {
+            for case in 0..6 {
+                let mut x: Vec<f32> = (0..len).map(|_| rnd()).collect();
+                match case {
+                    1 => x[len - 1] = f32::NAN,
+                    2 => x[0] = f32::NAN,
+                    3 => x.iter_mut().for_each(|v| *v = 0.0),
+                    4 => x[len / 2] = 1e-38,
+                    5 => x.iter_mut().for_each(|v| *v *= 1e-38),
+                    _ => {}
+                }
+                let (want_scale, want_codes) = reference(&x);
+                let mut codes = vec![0i8; len];
+                let scale = quantize(&x, &mut codes); // AVX-512 where the CPU has it
+                assert_eq!(
+                    scale.to_bits(),
+                    want_scale.to_bits(),
+                    "len {len}, case {case}"
+                );
+                assert_eq!(codes, want_codes, "len {len}, case {case}");
+                let scale = quantize_portable(&x, &mut codes);
+                assert_eq!(
+                    scale.to_bits(),
+                    want_scale.to_bits(),
+                    "len {len}, case {case}"
+                );
+                assert_eq!(codes, want_codes, "portable, len {len}, case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn max_is_the_portable_max() {
+        let mut rnd = uniform(3);
+        for len in 0..50 {
+            for case in 0..4 {
+                let mut x: Vec<f32> = (0..len).map(|_| rnd() * 10.0).collect();
+                match (case, len) {
+                    (_, 0) => {}
+                    (1, _) => x[len - 1] = f32::NAN,
+                    (2, _) => x.iter_mut().for_each(|v| *v = f32::NAN),
+                    (3, _) => x[0] = f32::NEG_INFINITY,
+                    _ => {}
+                }
+                let (got, want) = (max(&x), max_portable(&x));
+                assert!(
+                    got == want || got.is_nan() && want.is_nan(),
+                    "{x:?}: {got} ≠ {want}"
+                );
+            }
+        }
+    }
+
     /// Uniform numbers in [-2, 2) from xorshift32 state `seed`.
     fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
         move || {
@@ -2009,7 +2316,7 @@ mod tests {
                         let mut q = q.to_vec();
                         if format == Int8 {
                             let mut codes = vec![0i8; d];
-                            let s = quantize(&q, |c, x| codes[c] = x);
+                            let s = quantize(&q, &mut codes[..]);
                             for (x, c) in q.iter_mut().zip(codes) {
                                 *x = f32::from(c) * s;
                             }
@@ -2187,6 +2494,24 @@ mod tests {
             exp_shifted(&mut got, max);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), *w, "x = {} max = {max}", xs[i]);
+            }
+            // Every length of tail (masked in AVX-512), from the special values at the end;
+            // what lies past the slice stays untouched.
+            for len in 1..=33 {
+                let from = xs.len() - 40;
+                let mut got: Vec<f32> = xs[from..].iter().map(|&x| x + max).collect();
+                let sentinel: Vec<u32> = got[len..].iter().map(|x| x.to_bits()).collect();
+                exp_shifted(&mut got[..len], max);
+                for (i, g) in got[..len].iter().enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        want[from + i],
+                        "len {len}, x = {}",
+                        xs[from + i]
+                    );
+                }
+                let after: Vec<u32> = got[len..].iter().map(|x| x.to_bits()).collect();
+                assert_eq!(after, sentinel, "len {len}: past the end");
             }
         }
     }
