@@ -31,6 +31,7 @@ pub mod saved_binary;
 pub mod serve;
 pub mod stop;
 pub mod tokenizer;
+pub mod unicast;
 
 pub use error::{BundleError, GenerateError};
 pub use generate::{GenerateOptions, Generator, Step, StopReason, TokenBuf};

@@ -673,6 +673,8 @@ fn finish_plan(
     }
     if opts.quill_kernels {
         crate::rope::use_rope(&mut model).context("installing quill's rotary embedding")?;
+        crate::unicast::use_unicast(&mut model)
+            .context("installing quill's element-wise Add and Mul")?;
     }
     let options = RunOptions {
         executor: (threads > 1).then(|| Executor::multithread(threads)),
