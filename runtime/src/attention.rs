@@ -761,7 +761,7 @@ fn inverse_and_scale(amax: f32) -> (f32, f32) {
 fn quantize_avx512(x: &[f32], codes: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
     let (xc, xr) = x.as_chunks::<16>();
-    let tail: __mmask16 = (1u16 << xr.len()).wrapping_sub(1);
+    let tail = tail_mask(xr.len());
     let mut acc = _mm512_setzero_ps();
     let mut nan: __mmask16 = 0;
     let mut take = |v: __m512| {
@@ -802,6 +802,14 @@ fn quantize_avx512(x: &[f32], codes: &mut [i8]) -> f32 {
         cr.copy_from_slice(&out[..cr.len()]);
     }
     scale
+}
+
+/// The mask of the first `len` (< 16) lanes of an AVX-512 register of f32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tail_mask(len: usize) -> std::arch::x86_64::__mmask16 {
+    debug_assert!(len < 16);
+    (1u16 << len) - 1
 }
 
 /// [`round_to_i8`] of 16 lanes, as bytes: the same clamp, truncation and step away from zero.
@@ -892,13 +900,7 @@ impl Blocks {
                 // Quantized in a row, then placed four components at a time (contiguous in
                 // the packed layout); a head wider than the buffer goes value by value.
                 let mut row_codes = [0i8; 256];
-                let mut wide = [0i8; 0];
-                let q = if d <= row_codes.len() {
-                    &mut row_codes[..d]
-                } else {
-                    &mut wide[..]
-                };
-                if q.len() == d {
+                if let Some(q) = row_codes.get_mut(..d) {
                     blk.scales[row] = quantize(src, q);
                     for (c4, q4) in q.chunks_exact(4).enumerate() {
                         codes[key_index(p, 4 * c4, d)..][..4].copy_from_slice(q4);
@@ -1803,7 +1805,7 @@ fn exp_shifted_avx512(xs: &mut [f32], max: f32) {
     if !rest.is_empty() {
         // The last 1–15 in the same registers, masked (the scalar copy's `round` is a call to
         // `roundf` here, and a prefill's rows end in such a tail at almost every half).
-        let keep: __mmask16 = (1u16 << rest.len()) - 1;
+        let keep = tail_mask(rest.len());
         // SAFETY: the masked load reads, and the store writes, only the `rest.len()` values.
         unsafe {
             let x = _mm512_maskz_loadu_ps(keep, rest.as_ptr());
@@ -1997,7 +1999,7 @@ fn max_avx512(x: &[f32]) -> f32 {
         acc = _mm512_max_ps(unsafe { _mm512_loadu_ps(c.as_ptr()) }, acc);
     }
     if !xr.is_empty() {
-        let tail: __mmask16 = (1u16 << xr.len()) - 1;
+        let tail = tail_mask(xr.len());
         // SAFETY: a masked load of the `xr.len()` values; the other lanes read as -∞.
         let v =
             unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, xr.as_ptr()) };
